@@ -316,7 +316,7 @@ def stage_rl(args):
     pool = opd.prompt_pool(rlm.load_trajectories(os.path.join(args.out, "collect", "rlm-edge.jsonl")))
     heldout, dev = train.heldout_relays(args), rlm.dev_tasks(args)
     rows = []
-    runs = [(f"rl(lam={lam:g})", float(lam), args.reward) for lam in args.lams.split(",")]
+    runs = [(f"rl(lam={float(lam):g})", float(lam), args.reward) for lam in args.lams.split(",")]
     runs.append(("rl-correct", 0.0, "correct"))          # the RL baseline the OPD comparison plots
     for name, lam, reward in runs:
         vd = os.path.join(d, name)

@@ -220,6 +220,7 @@ class Trajectory:
     question: str
     answer: str
     context_chars: int
+    target_chars: int = 0        # the nominal length of the task's group (actual overshoots a little)
     prediction: str = ""
     score: float = 0.0
     reason: str = ""             # final | max_iterations | no_code | budget | error
@@ -285,7 +286,7 @@ class RLM:
         import repl as repl_mod
         import tasks
         traj = Trajectory(mode=mode, family=task.family, question=task.question, answer=task.answer,
-                          context_chars=len(task.context))
+                          context_chars=len(task.context), target_chars=task.meta.get("target_chars", 0))
         budget = {"left": self.max_subcalls}
         try:
             with repl_mod.REPL(task.context, llm_query_batched=lambda ps: self._subcalls(ps, key, sched, traj, 1, budget),
@@ -366,7 +367,8 @@ def run_direct(ep, tasks_, mode):
     trajs = []
     for t, o in zip(tasks_, outs):
         tr = Trajectory(mode=mode, family=t.family, question=t.question, answer=t.answer, context_chars=len(t.context),
-                        prediction=o["text"].strip(), reason="direct", seconds=round(dt, 4))
+                        target_chars=t.meta.get("target_chars", 0), prediction=o["text"].strip(), reason="direct",
+                        seconds=round(dt, 4))
         tr.calls.append(_call_record("direct", ep, "", o, 0))
         tr.score = tasks_mod.score(t.family, tr.prediction, t.answer)
         trajs.append(tr)
@@ -377,9 +379,9 @@ def summarize(trajs, method):
     """Per-query means of one (method, family, length) cell in the report schema."""
     n = len(trajs)
     leds = [t.ledger() for t in trajs]
-    # the nominal length of the group: actual lengths overshoot the target by up to ~100 chars
-    length = float(f"{sum(t.context_chars for t in trajs) / n:.2g}")
-    row = {"method": method, "family": trajs[0].family, "context_chars": int(length), "n": n,
+    # the group's nominal length (actual lengths overshoot the target by up to ~100 chars)
+    length = trajs[0].target_chars or round(sum(t.context_chars for t in trajs) / n)
+    row = {"method": method, "family": trajs[0].family, "context_chars": length, "n": n,
            "accuracy": sum(t.score for t in trajs) / n}
     for k in ("cloud_in_tokens", "cloud_out_tokens", "edge_in_tokens", "edge_out_tokens", "cost_usd", "subcalls", "relay_tokens"):
         row[k] = sum(l[k] for l in leds) / n
@@ -411,11 +413,14 @@ def endpoints(args, worker_dir=None):
 def eval_tasks(args, split="eval"):
     """The held-out tasks of every family at the two context lengths (cached by seed)."""
     import tasks
-    out = []
-    for length in (args.short_chars, args.long_chars):
-        for fam in args.families:
-            out.append(tasks.generate_tasks(args.eval_n, fam, length, split=split, seed=args.seed + 7))
-    return out
+    return [tagged(tasks.generate_tasks(args.eval_n, fam, length, split=split, seed=args.seed + 7), length)
+            for length in (args.short_chars, args.long_chars) for fam in args.families]
+
+
+def tagged(group, length):
+    for t in group:
+        t.meta["target_chars"] = length
+    return group
 
 
 def make_rlm(args, eps, sub="worker_sub", sub_hook=None, sub_transform=None):
@@ -500,8 +505,8 @@ def dev_tasks(args, n=None):
     """A few held-out tasks per family at the long length, disjoint from the report's eval tasks
     (another seed), for learning curves."""
     import tasks
-    return [tasks.generate_tasks(n or args.curve_n, fam, args.long_chars, split="eval", seed=args.seed + 99)
-            for fam in args.families]
+    return [tagged(tasks.generate_tasks(n or args.curve_n, fam, args.long_chars, split="eval", seed=args.seed + 99),
+                   args.long_chars) for fam in args.families]
 
 
 def stage_collect(args):
@@ -511,6 +516,7 @@ def stage_collect(args):
     d = os.path.join(args.out, "collect")
     eps = endpoints(args)
     out = {}
+    args = argparse.Namespace(**{**vars(args), "root": args.collect_root})
     for method, sub in (("rlm-cloud", "sup_sub"), ("rlm-edge", "worker_sub")):
         trajs = []
         for fam in args.families:
@@ -531,11 +537,13 @@ def add_args(p):
     g.add_argument("--max-subcalls", type=int, default=256, help="sub-calls per episode")
     g.add_argument("--repl-timeout", type=float, default=30.0, help="seconds per REPL cell")
     g.add_argument("--concurrency", type=int, default=64, help="episodes in flight at once")
-    g.add_argument("--root-tokens", type=int, default=256, help="max new tokens per root turn")
-    g.add_argument("--relay-tokens", type=int, default=32, help="max new tokens per sub-call relay")
+    g.add_argument("--root-tokens", type=int, default=None, help="max new tokens per root turn")
+    g.add_argument("--relay-tokens", type=int, default=None, help="max new tokens per sub-call relay")
     g.add_argument("--answer-tokens", type=int, default=32, help="max new tokens of a direct answer")
     g.add_argument("--max-window", type=int, default=32768, help="cap on a model's window")
     g.add_argument("--collect-n", type=int, default=None, help="training tasks per family and length to collect")
+    g.add_argument("--collect-root", default=None, help="model | planner: the root of the collect stage's episodes "
+                                                      "(smoke uses the planner: its root is too small to write code)")
     g.add_argument("--curve-n", type=int, default=None, help="dev tasks per family for end-to-end curve points")
 
 

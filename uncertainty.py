@@ -365,7 +365,7 @@ def stage_cascade(args):
     eps = rlm.endpoints(args)
     train_calls = [c for t in rlm.load_trajectories(os.path.join(args.out, "collect", "rlm-edge.jsonl"))
                    for c in t.calls if c["role"] == "sub"]
-    groups = [g for g in rlm.eval_tasks(args) if len(g[0].context) >= args.long_chars * 0.9]
+    groups = [g for g in rlm.eval_tasks(args) if g[0].meta["target_chars"] == args.long_chars]
     rates = [float(r) for r in args.cascade_rates.split(",")]
     sigs = [s.strip() for s in args.cascade_signals.split(",") if s.strip()]
     rows, curves, points = [], {}, []
@@ -392,7 +392,7 @@ def stage_cascade(args):
             if args.tau is not None:
                 break
     # the two ends of every curve: rlm-edge and rlm-cloud at the same length
-    ev = [r for r in (util.read_json(os.path.join(args.out, "eval", "result.json"))["rows"]) if r["context_chars"] >= args.long_chars * 0.9]
+    ev = [r for r in (util.read_json(os.path.join(args.out, "eval", "result.json"))["rows"]) if r["context_chars"] == args.long_chars]
     for m in ("rlm-edge", "rlm-cloud"):
         mine = [r for r in ev if r["method"] == m]
         if mine:

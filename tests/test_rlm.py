@@ -113,6 +113,6 @@ def test_trajectories_round_trip_and_viewer(tmp_path, capsys):
 
 
 def test_summarize_rounds_length_to_the_nominal_target():
-    group = tasks.generate_tasks(2, "count", 20_000, seed=1)
+    group = rlm.tagged(tasks.generate_tasks(2, "count", 20_000, seed=1), 20_000)
     row = rlm.summarize(rlm.RLM(None, oracle()).run_many(group, "rlm-edge"), "rlm-edge")
     assert row["context_chars"] == 20_000 and row["accuracy"] == 1.0 and row["n"] == 2

@@ -1,0 +1,180 @@
+"""The run's report: collects every stage's rows into `report.json` and renders `report.md`.
+
+    python train.py --stage report            # rebuilt automatically after every stage anyway
+    python train.py --compare runs/A runs/B   # two runs' main tables side by side
+
+Rows share one schema: {"method", "family", "context_chars", "n", "accuracy", "cloud_in_tokens",
+"cloud_out_tokens", "edge_in_tokens", "edge_out_tokens", "cost_usd", "subcalls", "relay_tokens",
+"seconds"} (per-query means). The main table averages over task families at each context length
+and reads like the Minions headline: accuracy, % of `rlm-cloud` accuracy recovered, cloud cost per
+query and the factor saved against `rlm-cloud`.
+
+What it deliberately does not do: no statistics beyond means (n is in every row so readers can
+judge the noise), no HTML.
+"""
+import json
+import os
+
+import util
+
+STAGE_ORDER = ["pretrain", "eval", "fewshot", "sft", "opd", "rl", "gatekeeper", "cascade"]
+
+
+def collect(out):
+    """All rows and per-stage extras of a run directory."""
+    rows, extras = [], {}
+    for st in STAGE_ORDER:
+        p = os.path.join(out, st, "result.json")
+        if not os.path.exists(p):
+            continue
+        with open(p) as f:
+            res = json.load(f)
+        rows += res.get("rows", [])
+        extras[st] = {k: v for k, v in res.items() if k != "rows"}
+    return rows, extras
+
+
+def main_table(rows):
+    """One line per (method, length): family-averaged metrics plus per-family accuracy."""
+    by = {}
+    for r in rows:
+        by.setdefault((r["method"], r["context_chars"]), []).append(r)
+    cloud = {L: sum(x["accuracy"] for x in rs) / len(rs) for (m, L), rs in by.items() if m == "rlm-cloud"}
+    cloud_cost = {L: sum(x["cost_usd"] for x in rs) / len(rs) for (m, L), rs in by.items() if m == "rlm-cloud"}
+    out = []
+    for (m, L), rs in by.items():
+        acc = sum(x["accuracy"] for x in rs) / len(rs)
+        cost = sum(x["cost_usd"] for x in rs) / len(rs)
+        line = {"method": m, "context_chars": L, "accuracy": acc,
+                "recovered": acc / cloud[L] if cloud.get(L) else None,
+                "cost_usd": cost, "saving": cloud_cost[L] / cost if cloud_cost.get(L) and cost > 0 else None,
+                "relay_tokens": sum(x["relay_tokens"] for x in rs) / len(rs),
+                "subcalls": sum(x["subcalls"] for x in rs) / len(rs),
+                "per_family": {x["family"]: x["accuracy"] for x in rs}}
+        out.append(line)
+    out.sort(key=lambda x: (x["context_chars"], _method_rank(x["method"])))
+    return out
+
+
+def _method_rank(m):
+    order = ["direct", "worker-direct", "rlm-cloud", "rlm-edge"]
+    return (order.index(m), m) if m in order else (len(order), m)
+
+
+def _f(x, fmt):
+    return "-" if x is None else format(x, fmt)
+
+
+def render_main(table):
+    fams = sorted({f for t in table for f in t["per_family"]})
+    head = "| method | context chars | accuracy | % of rlm-cloud | cloud $/query | saving vs rlm-cloud | relay tokens | sub-calls | " \
+           + " | ".join(fams) + " |"
+    lines = [head, "|" + "---|" * (8 + len(fams))]
+    for t in table:
+        lines.append(f"| {t['method']} | {t['context_chars']} | {t['accuracy']:.3f} | {_f(t['recovered'] and 100 * t['recovered'], '.0f')} | "
+                     f"{t['cost_usd']:.6f} | {_f(t['saving'], '.1f')}x | {t['relay_tokens']:.0f} | {t['subcalls']:.1f} | "
+                     + " | ".join(_f(t["per_family"].get(f), ".2f") for f in fams) + " |")
+    return "\n".join(lines)
+
+
+def render_rows(rows):
+    keys = ["method", "family", "context_chars", "n", "accuracy", "cloud_in_tokens", "cloud_out_tokens",
+            "edge_in_tokens", "edge_out_tokens", "cost_usd", "subcalls", "relay_tokens", "seconds"]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r.get(k)) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def _cell(v):
+    if isinstance(v, float):
+        return f"{v:.6f}" if abs(v) < 0.01 and v != 0 else f"{v:.3f}"
+    return str(v)
+
+
+def write(out, config):
+    rows, extras = collect(out)
+    table = main_table(rows)
+    util.atomic_write_json(os.path.join(out, "report.json"), {"rows": rows, "main": table, "stages": extras, "config": config})
+    md = [f"# Report: {out}", "", "## Main table (family means)", "", render_main(table) if table else "(no rows yet)", ""]
+    pre = extras.get("pretrain", {}).get("models")
+    if pre:
+        md += ["## Pretrained models", "", "| model | params | steps | held-out relay accuracy |", "|---|---|---|---|"]
+        md += [f"| {k} | {v['params'] / 1e6:.2f}M | {v['steps']} | {v['relay_accuracy']:.3f} |" for k, v in pre.items()]
+        md.append("")
+    code_ok = [r for r in rows if "code_ok" in r]
+    if code_ok:
+        md += [f"Root code ran without error in {100 * sum(r['code_ok'] for r in code_ok) / len(code_ok):.0f}% of cells "
+               f"(mean over {len(code_ok)} method x family x length cells).", ""]
+    for st, ex in extras.items():
+        figs = ex.get("figures", [])
+        for fig in figs:
+            md.append(f"![{st}]({fig})")
+    md += ["", "## All rows", "", render_rows(rows) if rows else "(none)", ""]
+    util.atomic_write_text(os.path.join(out, "report.md"), "\n".join(md))
+    return table
+
+
+def compare(a, b):
+    ta, tb = main_table(collect(a)[0]), main_table(collect(b)[0])
+    keyed = {(t["method"], t["context_chars"]): t for t in tb}
+    lines = [f"{'method':<28}{'chars':>8}  {'acc A':>7} {'acc B':>7}   {'$ A':>10} {'$ B':>10}"]
+    for t in ta:
+        u = keyed.get((t["method"], t["context_chars"]))
+        lines.append(f"{t['method']:<28}{t['context_chars']:>8}  {t['accuracy']:>7.3f} {_f(u and u['accuracy'], '>7.3f')}   "
+                     f"{t['cost_usd']:>10.6f} {_f(u and u['cost_usd'], '>10.6f')}")
+    return "\n".join(lines)
+
+
+def plot_curves(series, x, ys, path, xlabel=None, logx=False):
+    """One panel per metric in `ys`; one line per (label, metrics rows) series. Rows lacking a
+    metric are skipped, so training-loss lines and evaluation lines can share a JSONL file."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(ys), figsize=(4.2 * len(ys), 3.4), squeeze=False)
+    for ax, y in zip(axes[0], ys):
+        for label, rows in series:
+            pts = [(r[x], r[y]) for r in rows if x in r and y in r and r[y] is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=label)
+        ax.set_xlabel(xlabel or x)
+        ax.set_ylabel(y)
+        if logx:
+            ax.set_xscale("symlog")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_points(points, path, xlabel="cloud $ per query", ylabel="accuracy", curves=None):
+    """Scatter of (label, x, y) points plus optional (label, [(x, y), ...]) curves."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, xs_ys in (curves or []):
+        if xs_ys:
+            ax.plot(*zip(*xs_ys), marker=".", label=label)
+    for label, x, y in points:
+        ax.scatter([x], [y])
+        ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _save(fig, path):
+    """Atomic PNG write: a half-written figure never replaces a good one."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, ".tmp-" + os.path.basename(path))
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
