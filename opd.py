@@ -257,8 +257,8 @@ class OPD:
                     byte_offsets(self.ttok, tc), self.match_s, self.match_t, beta=a.beta))
             loss = torch.stack(losses).mean()
         elif a.opd_loss == "sampled_rkl":
-            new_lp, mask = pad_rows([x for x in s_out])
-            new_lp = torch.nn.utils.rnn.pad_sequence(s_out, batch_first=True)
+            new_lp = torch.nn.utils.rnn.pad_sequence(s_out, batch_first=True)       # [S, T] with grad
+            _, mask = pad_rows([torch.zeros(len(c)) for c in comps])
             samp = [torch.tensor(s["lp"]) if s["lp"] is not None else o.detach() for s, o in zip(seqs, s_out)]
             samp_lp, _ = pad_rows(samp)
             teach_lp, _ = pad_rows(t_lp)
@@ -288,7 +288,7 @@ class OPD:
             with torch.no_grad():
                 for pt, ps in zip(self.teacher.parameters(), self.student.parameters()):
                     pt.lerp_(ps.detach(), a.self_ema)
-        return {"loss": float(loss), "kept": len(seqs)}
+        return {"loss": float(loss.detach()), "kept": len(seqs)}
 
     def threshold_for(self, gate):
         if self.threshold is None:
