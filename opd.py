@@ -453,6 +453,9 @@ def stage_opd(args):
             reach = steps_to_reach(curves["opd"], "relay_acc", target)
             result["efficiency"] = {"sft_final_relay_acc": target, "sft_steps": sft_steps, "opd_steps_to_reach": reach,
                                     "ratio": (sft_steps / reach) if reach else None}
+    rl_path = os.path.join(args.out, "rl", "rl-correct", "metrics.jsonl")
+    if os.path.exists(rl_path):      # GRPO with a correctness reward: the RL baseline of the comparison
+        series.append(("grpo-correct", util.read_jsonl(rl_path)))
     figs = [report.plot_curves(series, "step", ["relay_acc", "heldout_rkl", "e2e_acc"], os.path.join(d, "curves_steps.png"),
                                "worker optimiser steps"),
             report.plot_curves(series, "flops", ["relay_acc", "e2e_acc"], os.path.join(d, "curves_flops.png"),

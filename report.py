@@ -106,13 +106,32 @@ def write(out, config):
     if code_ok:
         md += [f"Root code ran without error in {100 * sum(r['code_ok'] for r in code_ok) / len(code_ok):.0f}% of cells "
                f"(mean over {len(code_ok)} method x family x length cells).", ""]
-    for st, ex in extras.items():
-        figs = ex.get("figures", [])
-        for fig in figs:
-            md.append(f"![{st}]({fig})")
+    figs = [f for ex in extras.values() for f in ex.get("figures", [])] + summary_figures(out, rows, table)
+    md += [f"![{os.path.splitext(os.path.basename(f))[0]}]({f})" for f in figs]
     md += ["", "## All rows", "", render_rows(rows) if rows else "(none)", ""]
     util.atomic_write_text(os.path.join(out, "report.md"), "\n".join(md))
     return table
+
+
+def summary_figures(out, rows, table):
+    """Cross-stage figures: accuracy vs cloud cost (every method a point, cascades as a curve per
+    signal) and the length-accuracy frontier (relay tokens vs accuracy) at the long length."""
+    if not table:
+        return []
+    long_len = max(t["context_chars"] for t in table)
+    at = [t for t in table if t["context_chars"] == long_len]
+    plain = [t for t in at if not t["method"].startswith("rlm-cascade(")]
+    curves = {}
+    for t in at:
+        if t["method"].startswith("rlm-cascade("):
+            sig = t["method"][len("rlm-cascade("):].split(",")[0]
+            curves.setdefault(sig, []).append((t["cost_usd"], t["accuracy"]))
+    f1 = plot_points([(t["method"], t["cost_usd"], t["accuracy"]) for t in plain], os.path.join(out, "accuracy_vs_cost.png"),
+                     curves=[(k, sorted(v)) for k, v in curves.items()])
+    edge = [t for t in plain if t["method"].startswith("rlm-edge")]
+    f2 = plot_points([(t["method"], t["relay_tokens"], t["accuracy"]) for t in edge], os.path.join(out, "frontier.png"),
+                     xlabel="relay tokens per query (edge -> cloud)", ylabel="accuracy")
+    return [os.path.relpath(f, out) for f in (f1, f2)]
 
 
 def compare(a, b):
