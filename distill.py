@@ -532,6 +532,10 @@ def stage_sft(args):
                 weight_decay=0.0, grad_clip=args.grad_clip, seed=args.seed, state_path=os.path.join(vd, "state.pt"),
                 ckpt_every=args.ckpt_every, metrics=metrics, eval_every=args.eval_every, name=variant, quiet=args.quiet,
                 eval_fn=lambda m: opd.curve_point(args, m, tok, sup, sup_tok, heldout, dev))
+            # FLOPs for the compute-matched curves: 6N per trained token (the supervisor's cost of
+            # writing the relays was paid once in the collect stage and is not counted here)
+            per_step = 6 * lm.param_count(model) * args.sft_batch * sum(len(p) + len(c) for p, c in examples) / len(examples)
+            util.write_jsonl(metrics.path, [dict(r, flops=per_step * r["step"]) for r in util.read_jsonl(metrics.path)])
             lm.save_checkpoint(os.path.join(vd, "worker"), model, tok, {"variant": variant, "steps": args.sft_steps})
             if os.path.exists(os.path.join(vd, "state.pt")):
                 os.remove(os.path.join(vd, "state.pt"))

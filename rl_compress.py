@@ -238,6 +238,57 @@ class Rewarder:
         return r.view(P, G)
 
 
+def sample_batch(a, model, tok, pool, rewarder, reward, step, lam):
+    """G relays for each of P pool prompts, rewarded one by one: -> [(prompt ids, completion,
+    sampler log-probs, advantage)] for the groups whose rewards differ, and stats."""
+    import lm
+    rng = random.Random(a.seed * 1_000_003 + step)
+    prompts = [pool[rng.randrange(len(pool))]["prompt"] for _ in range(a.rl_batch)]
+    ids = [tok.chat([{"role": "user", "content": p}]) for p in prompts]
+    G = a.rl_samples
+    ro = lm.rollout(model, ids, a.relay_tokens, temperature=1.0, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                    num_samples=G, seed=a.seed * 7919 + step)
+    texts = [tok.decode(t) for t in ro.tokens]
+    recon_PG = rewarder(reward, prompts, [texts[i * G:(i + 1) * G] for i in range(len(prompts))])
+    lengths_PG = torch.tensor([float(len(t)) for t in ro.tokens]).view(-1, G)
+    cost_PG = lengths_PG / torch.tensor([float(len(i)) for i in ids]).view(-1, 1) if a.succinct == "relative" else lengths_PG
+    rewards_PG = recon_PG - lam * cost_PG
+    adv_PG, zero_P = group_advantages(rewards_PG, std_normalize=a.adv_std)
+    seqs = [(ids[k // G], list(ro.tokens[k]), list(ro.logprobs[k]), float(adv_PG.reshape(-1)[k]))
+            for k in range(len(ro.tokens)) if not zero_P[k // G] and len(ro.tokens[k])]
+    return seqs, {"zero_var_frac": float(zero_P.float().mean()), "reward": float(rewards_PG.mean()),
+                  "relay_tokens": float(lengths_PG.mean())}
+
+
+def task_batch(a, model, tok, step, lam):
+    """The sparse `task` reward: G sampled RLM episodes per training task (planner root, worker at
+    temperature 1); every sub-call of an episode shares the episode's score minus lam x its mean
+    relay length, and the G episodes of a task form the group."""
+    import rlm
+    import tasks
+    rng = random.Random(a.seed * 1_000_003 + step)
+    P, G = max(1, a.rl_batch // 2), a.rl_samples
+    group = [tasks.generate_tasks(1, rng.choice(a.families), a.short_chars, split="train", seed=rng.randrange(1 << 30))[0]
+             for _ in range(P)]
+    ep = rlm.Endpoint("worker", model, tok, False, a.relay_tokens, temperature=1.0,
+                      window=model.config.max_position_embeddings, seed=a.seed * 7919 + step)
+    trajs = rlm.RLM(None, ep, lines_per_chunk=a.lines_per_chunk, max_subcalls=a.max_subcalls,
+                    timeout_s=a.repl_timeout).run_many([t for t in group for _ in range(G)], "rl", a.concurrency)
+    relay = torch.tensor([t.ledger()["relay_tokens"] / max(1, t.ledger()["subcalls"]) for t in trajs]).view(P, G)
+    rewards_PG = torch.tensor([t.score for t in trajs]).view(P, G) - lam * relay
+    adv_PG, zero_P = group_advantages(rewards_PG, std_normalize=a.adv_std)
+    seqs = []
+    for k, t in enumerate(trajs):
+        if zero_P[k // G]:
+            continue
+        for c in t.calls:
+            if c["role"] == "sub" and c["tokens"]:
+                seqs.append((tok.chat([{"role": "user", "content": c["prompt"]}]), c["tokens"], c["logprobs"],
+                             float(adv_PG.reshape(-1)[k])))
+    return seqs, {"zero_var_frac": float(zero_P.float().mean()), "reward": float(rewards_PG.mean()),
+                  "relay_tokens": float(relay.mean())}
+
+
 def train_rl(args, name, pool, heldout, dev, out_dir, lam, reward):
     """GRPO on the worker from the pretrained checkpoint; returns the trained model, tokenizer."""
     import lm
@@ -257,29 +308,15 @@ def train_rl(args, name, pool, heldout, dev, out_dir, lam, reward):
     metrics.log(step=0, **opd.curve_point(a, model, tok, sup, sup_tok, heldout, dev))
     prog = util.Progress(name, a.rl_steps, quiet=a.quiet)
     for step in range(a.rl_steps):
-        rng = random.Random(a.seed * 1_000_003 + step)
-        prompts = [pool[rng.randrange(len(pool))]["prompt"] for _ in range(a.rl_batch)]
-        ids = [tok.chat([{"role": "user", "content": p}]) for p in prompts]
-        ro = lm.rollout(model, ids, a.relay_tokens, temperature=1.0, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
-                        num_samples=a.rl_samples, seed=a.seed * 7919 + step)
-        G = a.rl_samples
-        texts = [tok.decode(t) for t in ro.tokens]
-        relays_PG = [texts[i * G:(i + 1) * G] for i in range(len(prompts))]
-        recon_PG = rewarder(reward, prompts, relays_PG)
-        lengths = torch.tensor([float(len(t)) for t in ro.tokens]).view(-1, G)
-        if a.succinct == "relative":
-            lengths = lengths / torch.tensor([float(len(i)) for i in ids]).view(-1, 1)
-        rewards_PG = recon_PG - lam * lengths
-        adv_PG, zero_P = group_advantages(rewards_PG, std_normalize=a.adv_std)
-        keep = [k for k in range(len(ro.tokens)) if not zero_P[k // G] and len(ro.tokens[k])]
-        stats = {"zero_var_frac": float(zero_P.float().mean()), "reward": float(rewards_PG.mean()),
-                 "relay_tokens": float(lengths.mean()) if a.succinct == "tokens" else None}
-        if keep:
-            comps = [list(ro.tokens[k]) for k in keep]
-            p_ids = [ids[k // G] for k in keep]
-            old = torch.nn.utils.rnn.pad_sequence([torch.tensor(ro.logprobs[k]) for k in keep], batch_first=True)
+        if reward == "task":
+            seqs, stats = task_batch(a, model, tok, step, lam)
+        else:
+            seqs, stats = sample_batch(a, model, tok, pool, rewarder, reward, step, lam)
+        if seqs:
+            p_ids, comps, old_lps, adv = (list(x) for x in zip(*seqs))
+            old = torch.nn.utils.rnn.pad_sequence([torch.tensor(x) for x in old_lps], batch_first=True)
             mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(c)) for c in comps], batch_first=True)
-            adv = adv_PG.reshape(-1)[keep]
+            adv = torch.tensor(adv)
             ref_lp = None
             if ref is not None:
                 with torch.no_grad():
@@ -291,13 +328,13 @@ def train_rl(args, name, pool, heldout, dev, out_dir, lam, reward):
                 new = torch.nn.utils.rnn.pad_sequence(lm.token_logprobs(model, p_ids, comps), batch_first=True)
                 loss, st = grpo_loss(new, old, adv, mask, norm=a.norm, clip_low=a.clip_low, clip_high=a.clip_high,
                                      ref_logprobs_BT=ref_lp, kl=a.kl, kl_coef=a.kl_coef, max_len=a.relay_tokens,
-                                     num_seqs=len(keep))
+                                     num_seqs=len(comps))
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             model.eval()
-            stats.update(loss=float(loss), **st)
+            stats.update(loss=float(loss.detach()), **st)
         metrics.log(step=step + 1, **stats)
         if (step + 1) % a.eval_every == 0 or step + 1 == a.rl_steps:
             metrics.log(step=step + 1, **opd.curve_point(a, model, tok, sup, sup_tok, heldout, dev))

@@ -116,14 +116,19 @@ class Endpoint:
     temperature: float = 0.0
     window: int = 1024
     max_batch: int = 256
+    seed: int = None     # sampling seed (temperature > 0); each call uses seed + its call number
 
     def generate(self, prompts_ids, seed=None):
         import lm
         out = []
+        if seed is None and self.seed is not None:
+            self.n_calls = getattr(self, "n_calls", 0) + 1
+            seed = self.seed * 100_003 + self.n_calls
         for i in range(0, len(prompts_ids), self.max_batch):
             chunk = [p[-(self.window - self.max_new_tokens):] for p in prompts_ids[i:i + self.max_batch]]
             r = lm.rollout(self.model, chunk, self.max_new_tokens, temperature=self.temperature,
-                           eos_token_id=self.tok.eos_id, pad_token_id=self.tok.pad_id, seed=seed)
+                           eos_token_id=self.tok.eos_id, pad_token_id=self.tok.pad_id,
+                           seed=None if seed is None else seed + i)
             for p, t, lp, ent in zip(chunk, r.tokens, r.logprobs, r.entropies):
                 out.append({"text": self.tok.decode(t), "n_in": len(p), "n_out": len(t), "tokens": list(t),
                             "logprobs": [round(float(x), 5) for x in lp], "entropies": [round(float(x), 5) for x in ent]})
@@ -346,7 +351,7 @@ class RLM:
 
 def _call_record(role, ep, prompt, out, depth):
     return {"role": role, "model": ep.name, "cloud": ep.cloud, "depth": depth, "prompt": prompt,
-            "response": out["text"], "n_in": out["n_in"], "n_out": out["n_out"],
+            "response": out["text"], "n_in": out["n_in"], "n_out": out["n_out"], "tokens": out["tokens"],
             "logprobs": out["logprobs"], "entropies": out["entropies"]}
 
 
