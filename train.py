@@ -40,11 +40,11 @@ PRESETS = {
                   pretrain_examples=200, heldout_relays=24, collect_n=2, curve_n=1, shots=1, root_tokens=64, relay_tokens=16, collect_root="planner",
                   sft_steps=6, sft_batch=8, sft_lr=1e-3, opd_steps=4, opd_batch=4, opd_lr=1e-3, eval_every=2,
                   rl_steps=3, rl_batch=4, rl_lr=1e-3, gk_steps=4, gk_lr=1e-3),
-    "tiny": dict(vocab_size=1024, bpe_chars=400_000, sup_steps=800, worker_steps=500, batch_size=16,
-                 lr=2e-3, short_chars=2_000, long_chars=20_000, eval_n=25, lines_per_chunk=8,
-                 pretrain_examples=20_000, heldout_relays=200, collect_n=12, curve_n=4, shots=2, collect_root="model", root_tokens=256, relay_tokens=32,
-                 sft_steps=200, sft_batch=16, sft_lr=5e-4, opd_steps=60, opd_batch=8, opd_lr=5e-4, eval_every=20,
-                 rl_steps=40, rl_batch=8, rl_lr=3e-4, gk_steps=60, gk_lr=3e-4),
+    "tiny": dict(vocab_size=1024, bpe_chars=400_000, sup_steps=400, worker_steps=400, batch_size=16,
+                 lr=2e-3, short_chars=2_000, long_chars=20_000, eval_n=12, lines_per_chunk=8,
+                 pretrain_examples=20_000, heldout_relays=200, collect_n=8, curve_n=2, shots=2, collect_root="model", root_tokens=256, relay_tokens=32,
+                 sft_steps=120, sft_batch=16, sft_lr=5e-4, opd_steps=40, opd_batch=8, opd_lr=5e-4, eval_every=10,
+                 rl_steps=30, rl_batch=8, rl_lr=3e-4, gk_steps=40, gk_lr=3e-4),
 }
 STAGES = ["pretrain", "eval", "collect", "fewshot", "sft", "rl", "opd", "gatekeeper", "cascade"]
 REQUIRES = {"pretrain": [], "eval": ["pretrain"], "collect": ["pretrain"], "fewshot": ["collect"],
@@ -115,6 +115,17 @@ def resolve(args):
     if args.out is None:
         args.out = os.path.join("runs", args.preset)
     args.families = [f.strip() for f in args.families.split(",") if f.strip()]
+    import tasks
+    for f in args.families:
+        if f not in tasks.FAMILIES:
+            raise UserError(f"unknown task family '{f}' in --families; choose from {', '.join(tasks.FAMILIES)}")
+    for flag in ("worker", "supervisor"):
+        name = getattr(args, flag)
+        if name and not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
+            raise UserError(f"--{flag} {name!r} is neither a local model directory nor a hub id like "
+                            f"'Qwen/Qwen3-0.6B': fix the path or the name")
+        if name and os.path.isdir(name) and not os.path.exists(os.path.join(name, "config.json")):
+            raise UserError(f"--{flag} {name!r} has no config.json: pass a directory written by save_pretrained")
     return args
 
 
@@ -142,6 +153,8 @@ def load_result(args, stage):
 
 def run_stage(args, stage):
     for req in REQUIRES[stage]:
+        if req == "pretrain" and args.worker and args.supervisor:
+            continue                      # both models named: nothing to pretrain
         if not stage_done(args, req):
             raise UserError(f"stage '{stage}' needs stage '{req}' first: run `python train.py --preset {args.preset} "
                             f"--out {args.out} --stage {req}`")
@@ -254,7 +267,7 @@ def pretrain_data(args, tok, role, seed):
     rng = random.Random(seed)
     win = lm.MODEL_PRESETS[args.preset][role].max_seq_len
     n = args.pretrain_examples
-    data = encode_examples(tok, relay_examples(n, args, rng) + direct_examples(n // 10, args, rng, max_chars=3 * win), win)
+    data = encode_examples(tok, relay_examples(n, args, rng) + direct_examples(n // 20, args, rng, max_chars=3 * win), win)
     if role == "supervisor":
         data += rlm.encode_root_examples(tok, rlm.root_examples(n // 3, args, rng), win)
     return data
