@@ -344,9 +344,11 @@ def cross_tokenizer_loss(student_logits_TV, teacher_logits_TV, student_ids_T, te
 # completion tokens only (EOS included). Prompt tokens, and therefore any REPL output or chunk text
 # inside a prompt, are never trained on.
 
-def pad_examples(examples, pad_id):
+def pad_examples(examples, pad_id, prompt_weight=0.0):
     """Right-pad (prompt, completion) pairs -> input_ids_BT, attention_BT, target_mask_BT, where
-    target_mask marks completion tokens (the positions whose token is predicted and trained)."""
+    target_mask is 1 on completion tokens (the positions whose token is predicted and trained) and
+    `prompt_weight` on prompt tokens after the first (0 for SFT; pretraining from scratch uses 1:
+    predicting a name's second mention in a document is what teaches the model to copy)."""
     T = max(len(p) + len(c) for p, c in examples)
     B = len(examples)
     ids_BT = torch.full((B, T), pad_id, dtype=torch.long)
@@ -356,6 +358,7 @@ def pad_examples(examples, pad_id):
         n = len(p) + len(c)
         ids_BT[i, :n] = torch.tensor(p + c)
         attn_BT[i, :n] = 1
+        tmask_BT[i, 1:len(p)] = prompt_weight
         tmask_BT[i, len(p):n] = 1.0
     return ids_BT, attn_BT, tmask_BT
 
@@ -394,7 +397,7 @@ def make_optimizer(model, lr, weight_decay):
 
 
 def fit(model, examples, *, steps, batch_size, lr, warmup=20, weight_decay=0.1, grad_clip=1.0, seed=0,
-        micro_batch=None, max_batch_tokens=4096, state_path=None, ckpt_every=100, metrics=None, eval_fn=None, eval_every=0,
+        micro_batch=None, max_batch_tokens=4096, prompt_weight=0.0, state_path=None, ckpt_every=100, metrics=None, eval_fn=None, eval_every=0,
         name="fit", quiet=False):
     """AdamW with warmup + cosine, gradient clipping, micro-batches that add up to `batch_size`
     (normalised by the global target-token count; see micro_batches), resumable from `state_path`. Each step's batch
@@ -424,10 +427,10 @@ def fit(model, examples, *, steps, batch_size, lr, warmup=20, weight_decay=0.1, 
         batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
         for g in opt.param_groups:
             g["lr"] = util.cosine_lr(step, steps, lr, warmup)
-        n_tok = sum(len(c) for _, c in batch)
+        n_tok = sum(len(c) + prompt_weight * (len(p) - 1) for p, c in batch)
         total = 0.0
         for mb in micro_batches(batch, micro, max_batch_tokens):
-            loss = completion_nll(model, *pad_examples(mb, pad_id), num_tokens=n_tok)
+            loss = completion_nll(model, *pad_examples(mb, pad_id, prompt_weight), num_tokens=n_tok)
             loss.backward()
             total += loss.item()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

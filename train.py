@@ -269,7 +269,7 @@ def pretrain_data(args, tok, role, seed):
     n = args.pretrain_examples
     data = encode_examples(tok, relay_examples(n, args, rng) + direct_examples(n // 20, args, rng, max_chars=3 * win), win)
     if role == "supervisor":
-        data += rlm.encode_root_examples(tok, rlm.root_examples(n // 3, args, rng), win)
+        data += rlm.encode_root_examples(tok, rlm.root_examples(n // 6, args, rng), win)
     return data
 
 
@@ -284,8 +284,11 @@ def pretrain_model(args, role, tok, out_dir, steps, seed, heldout):
         data = pretrain_data(args, tok, role, seed)
         model = lm.build_model(cfg, seed=seed)
         state = out_dir.rstrip("/") + "_state.pt"
+        probe = heldout[:48]
         distill.fit(model, data, steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                     weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=seed, state_path=state,
+                    prompt_weight=1.0, eval_every=max(1, steps // 4),
+                    eval_fn=lambda m: {"relay_acc": relay_accuracy(m, tok, probe, args.relay_tokens)},
                     ckpt_every=args.ckpt_every, metrics=util.Metrics(out_dir.rstrip("/") + "_metrics.jsonl"),
                     name=f"pretrain {role}", quiet=args.quiet)
         lm.save_checkpoint(out_dir, model, tok, {"role": role, "steps": steps, "config": dataclasses.asdict(cfg)})
