@@ -26,6 +26,8 @@ Counted and logged: worker optimiser steps, teacher tokens scored, teacher+stude
 forward token, 6N per trained token), held-out relay accuracy, held-out sampled reverse KL to the
 supervisor, end-to-end `rlm-edge` accuracy on dev tasks.
 
+Shapes: B prompts per step, G samples per prompt, S sequences kept, T completion tokens, V vocab.
+
 What it deliberately does not do: no PPO clipping (one update per batch, so the ratio is 1), no
 discounting of the per-token signal (Thinking Machines saw no gain), no replay buffer.
 """
@@ -38,9 +40,6 @@ import torch
 import torch.nn.functional as F
 
 import util
-
-LEGEND = "B prompts per step, G samples per prompt, S sequences kept, T completion tokens, V vocab"
-
 
 def add_args(p):
     g = p.add_argument_group("opd (on-policy distillation)")

@@ -73,9 +73,13 @@ def planner_program(task, lines_per_chunk=8):
     raise ValueError(f"no planner for family '{task.family}' ({q!r})")
 
 
-def root_prompt(question, context):
-    n_lines = context.count("\n") + 1 if isinstance(context, str) else len(context)
-    return f"Question: {question}\nThe context is a {type(context).__name__} of {len(context)} chars in {n_lines} lines."
+def root_prompt(question, context=None, n_chars=None, n_lines=None):
+    """The root's first user turn: the question and the context's metadata, never the context."""
+    if context is not None:
+        n_chars = len(context)
+        n_lines = context.count("\n") + 1 if isinstance(context, str) else len(context)
+    kind = type(context).__name__ if context is not None else "str"
+    return f"Question: {question}\nThe context is a {kind} of {n_chars} chars in {n_lines} lines."
 
 
 def root_examples(n, args, rng):
@@ -87,18 +91,8 @@ def root_examples(n, args, rng):
         t = tasks.generate_tasks(1, tasks.FAMILIES[i % len(tasks.FAMILIES)], 1_500, split="train",
                                  seed=rng.randrange(1 << 30))[0]
         n_chars = int(10 ** rng.uniform(3, 6))
-        prompt = f"Question: {t.question}\nThe context is a str of {n_chars} chars in {max(1, n_chars // 45)} lines."
+        prompt = root_prompt(t.question, n_chars=n_chars, n_lines=max(1, n_chars // 45))
         out.append((prompt, "```repl\n" + planner_program(t, args.lines_per_chunk) + "\n```"))
-    return out
-
-
-def encode_root_examples(tok, pairs, max_len):
-    out = []
-    for prompt, code in pairs:
-        p = tok.chat([{"role": "user", "content": prompt}])
-        c = tok.encode(code) + [tok.eos_id]
-        if len(p) + len(c) <= max_len:
-            out.append((p, c))
     return out
 
 

@@ -269,7 +269,7 @@ def pretrain_data(args, tok, role, seed):
     n = args.pretrain_examples
     data = encode_examples(tok, relay_examples(n, args, rng) + direct_examples(n // 20, args, rng, max_chars=3 * win), win)
     if role == "supervisor":
-        data += rlm.encode_root_examples(tok, rlm.root_examples(n // 6, args, rng), win)
+        data += encode_examples(tok, rlm.root_examples(n // 6, args, rng), win)
     return data
 
 
