@@ -282,19 +282,37 @@ class RLM:
 
     # -- one episode -----------------------------------------------------------------------------
     def _episode(self, task, key, sched, mode):
-        import repl as repl_mod
         import tasks
         traj = Trajectory(mode=mode, family=task.family, question=task.question, answer=task.answer,
                           context_chars=len(task.context), target_chars=task.meta.get("target_chars", 0))
-        budget = {"left": self.max_subcalls}
+        budget = {"left": self.max_subcalls}           # shared by the episode and all its children
         try:
-            with repl_mod.REPL(task.context, llm_query_batched=lambda ps: self._subcalls(ps, key, sched, traj, 1, budget),
-                               timeout_s=self.timeout_s, max_subcalls=self.max_subcalls) as r:
-                traj.prediction, traj.reason = self._loop(task, key, sched, traj, r)
+            traj.prediction, traj.reason = self._run_repl(task, key, sched, traj, 1, budget)
         except Exception as e:             # the episode ends cleanly whatever went wrong
             traj.reason = f"error: {type(e).__name__}: {str(e)[:200]}"
         traj.score = tasks.score(task.family, traj.prediction, task.answer)
         return traj
+
+    def _run_repl(self, task, key, sched, traj, depth, budget):
+        import repl as repl_mod
+        with repl_mod.REPL(task.context, llm_query_batched=lambda ps: self._subcalls(ps, key, sched, traj, depth, budget),
+                           rlm_query=lambda p: self._child(p, key, sched, traj, depth, budget),
+                           timeout_s=self.timeout_s, max_subcalls=self.max_subcalls) as r:
+            return self._loop(task, key, sched, traj, r)
+
+    def _child(self, prompt, key, sched, traj, depth, budget):
+        """rlm_query(prompt): a child RLM whose context is `prompt`, sharing the parent's remaining
+        sub-call budget; at the depth cap it is a plain sub-call."""
+        import tasks
+        if depth >= self.max_depth or self.root is None:
+            return self._subcalls([prompt], key, sched, traj, depth, budget)[0]
+        if budget["left"] <= 0:
+            raise RuntimeError(f"sub-call budget exhausted ({self.max_subcalls} per episode)")
+        budget["left"] -= 1
+        question = prompt.rpartition("Question: ")[2].strip() or prompt[-200:]
+        child = tasks.Task(context=prompt, question=question, answer="", family="custom")
+        answer, _ = self._run_repl(child, key, sched, traj, depth + 1, budget)
+        return answer
 
     def _loop(self, task, key, sched, traj, r):
         user = root_prompt(task.question, task.context)
@@ -426,7 +444,8 @@ def make_rlm(args, eps, sub="worker_sub", sub_hook=None, sub_transform=None):
     # real chat models get the RLM system prompt; the tiny root learnt its role without one
     system = SYSTEM_PROMPT if eps["root"].tok.hf is not None else None
     return RLM(None if args.root == "planner" else eps["root"], eps[sub], max_iterations=args.max_iterations,
-               max_subcalls=args.max_subcalls, timeout_s=args.repl_timeout, lines_per_chunk=args.lines_per_chunk,
+               max_subcalls=args.max_subcalls, max_depth=args.max_depth, timeout_s=args.repl_timeout,
+               lines_per_chunk=args.lines_per_chunk,
                chat_system=system, sub_hook=sub_hook, sub_transform=sub_transform)
 
 
@@ -533,7 +552,8 @@ def add_args(p):
     g = p.add_argument_group("rlm (eval and every stage that runs episodes)")
     g.add_argument("--root", default="model", help="model | planner (ablation: the planner writes the root code)")
     g.add_argument("--max-iterations", type=int, default=3)
-    g.add_argument("--max-subcalls", type=int, default=256, help="sub-calls per episode")
+    g.add_argument("--max-subcalls", type=int, default=256, help="sub-calls per episode (children included)")
+    g.add_argument("--max-depth", type=int, default=1, help="1 = rlm_query is a plain sub-call; 2+ = child RLMs")
     g.add_argument("--repl-timeout", type=float, default=30.0, help="seconds per REPL cell")
     g.add_argument("--concurrency", type=int, default=64, help="episodes in flight at once")
     g.add_argument("--root-tokens", type=int, default=None, help="max new tokens per root turn")

@@ -116,3 +116,19 @@ def test_summarize_rounds_length_to_the_nominal_target():
     group = rlm.tagged(tasks.generate_tasks(2, "count", 20_000, seed=1), 20_000)
     row = rlm.summarize(rlm.RLM(None, oracle()).run_many(group, "rlm-edge"), "rlm-edge")
     assert row["context_chars"] == 20_000 and row["accuracy"] == 1.0 and row["n"] == 2
+
+
+def test_rlm_query_starts_a_child_rlm_up_to_the_depth_cap():
+    """Depth 2: the root's rlm_query runs a child episode over the prompt (its own REPL, the
+    parent's budget); depth 1: the same call is a plain worker sub-call."""
+    def root(text):
+        if "Question: outer" in text:
+            return '```repl\nFINAL(rlm_query("some text\\nQuestion: inner?"))\n```'
+        return '```repl\nFINAL("child saw " + str(len(context)) + " chars")\n```'
+    task = tasks.Task(context="x" * 50, question="outer", answer="", family="custom")
+    deep = rlm.RLM(FakeEndpoint("supervisor", root, cloud=True),
+                   FakeEndpoint("worker", lambda _: "worker says hi", cloud=False), max_depth=2).run(task)
+    assert deep.prediction == f"child saw {len('some text' + chr(10) + 'Question: inner?')} chars"
+    flat = rlm.RLM(FakeEndpoint("supervisor", root, cloud=True),
+                   FakeEndpoint("worker", lambda _: "worker says hi", cloud=False), max_depth=1).run(task)
+    assert flat.prediction == "worker says hi"
