@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import dist
 import util
 
 # =================================================================================================
@@ -363,16 +364,28 @@ def pad_examples(examples, pad_id, prompt_weight=0.0):
     return ids_BT, attn_BT, tmask_BT
 
 
-def completion_nll(model, ids_BT, attn_BT, tmask_BT, num_tokens=None):
-    """Summed NLL of the target tokens / num_tokens (a global count under gradient accumulation)."""
+def completion_nll(model, ids_BT, attn_BT, tmask_BT, num_tokens=None, chunk_tokens=None):
+    """Weighted NLL of the target tokens / num_tokens (a global count under gradient accumulation).
+    The lm_head runs only at the M positions with a non-zero weight, in chunks that are recomputed
+    in backward, so a 150k vocabulary never makes [batch, length, vocab] float32 logits."""
     dev = next(model.parameters()).device
     ids_BT, attn_BT, tmask_BT = ids_BT.to(dev), attn_BT.to(dev), tmask_BT.to(dev)
-    logits_BTV = model(input_ids=ids_BT, attention_mask=attn_BT).logits[:, :-1].float()
-    tgt_BT, m_BT = ids_BT[:, 1:], tmask_BT[:, 1:]
-    nll_BT = F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.size(-1)), tgt_BT.reshape(-1),
-                             reduction="none").view_as(m_BT)
-    denom = num_tokens if num_tokens is not None else m_BT.sum().clamp_min(1)
-    return (nll_BT * m_BT).sum() / denom
+    hidden_BTD = model.model(input_ids=ids_BT, attention_mask=attn_BT, use_cache=False).last_hidden_state
+    sel_BT = tmask_BT[:, 1:] > 0                      # position t predicts token t + 1
+    hidden_MD, tgt_M, w_M = hidden_BTD[:, :-1][sel_BT], ids_BT[:, 1:][sel_BT], tmask_BT[:, 1:][sel_BT]
+
+    def chunk_nll(h_CD, tgt_C, w_C):
+        return (F.cross_entropy(model.lm_head(h_CD).float(), tgt_C, reduction="none") * w_C).sum()
+
+    denom = num_tokens if num_tokens is not None else tmask_BT[:, 1:].sum().clamp_min(1)
+    chunk = chunk_tokens or max(1, 2 ** 24 // model.lm_head.out_features)  # ~64 MB of float32 logits
+    if tgt_M.shape[0] <= chunk:  # one chunk (small vocabularies): nothing to save by recomputing
+        return chunk_nll(hidden_MD, tgt_M, w_M) / denom
+    total = hidden_MD.new_zeros((), dtype=torch.float32)
+    for s in range(0, tgt_M.shape[0], chunk):
+        total = total + checkpoint(chunk_nll, hidden_MD[s:s + chunk], tgt_M[s:s + chunk], w_M[s:s + chunk],
+                                   use_reentrant=False)
+    return total / denom
 
 
 def micro_batches(batch, max_rows, max_tokens):
@@ -402,7 +415,9 @@ def fit(model, examples, *, steps, batch_size, lr, warmup=20, weight_decay=0.1, 
     """AdamW with warmup + cosine, gradient clipping, micro-batches that add up to `batch_size`
     (normalised by the global target-token count; see micro_batches), resumable from `state_path`. Each step's batch
     is drawn from an RNG seeded by (seed, step), so a resumed run sees exactly the batches it
-    would have seen. `eval_fn(model) -> dict` is logged every `eval_every` steps (and at 0)."""
+    would have seen. `eval_fn(model) -> dict` is logged every `eval_every` steps (and at 0).
+    Under torchrun each rank trains on its share of the batch and the gradients are summed
+    (dist.py); the result equals one process on the whole batch."""
     if not examples:
         raise ValueError("fit: no training examples (all longer than the model's window?)")
     pad_id = 0
@@ -419,6 +434,7 @@ def fit(model, examples, *, steps, batch_size, lr, warmup=20, weight_decay=0.1, 
         model.eval()
         metrics.log(step=0, **eval_fn(model))
     micro = micro_batch or batch_size
+    dist.broadcast_params(model)
     prog = util.Progress(name, steps, quiet=quiet)
     prog.start = start
     for step in range(start, steps):
@@ -429,10 +445,12 @@ def fit(model, examples, *, steps, batch_size, lr, warmup=20, weight_decay=0.1, 
             g["lr"] = util.cosine_lr(step, steps, lr, warmup)
         n_tok = sum(len(c) + prompt_weight * (len(p) - 1) for p, c in batch)
         total = 0.0
-        for mb in micro_batches(batch, micro, max_batch_tokens):
+        for mb in micro_batches(dist.shard(batch), micro, max_batch_tokens):
             loss = completion_nll(model, *pad_examples(mb, pad_id, prompt_weight), num_tokens=n_tok)
             loss.backward()
             total += loss.item()
+        dist.sync_grads(model.parameters())
+        total = dist.all_sum(total)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -525,7 +543,8 @@ def stage_sft(args):
     rows, curves = [], []
     for variant, targets in (("sft", pairs), ("sft-gold", [(p, tasks.ideal_relay(p)) for p, _ in pairs])):
         vd = os.path.join(d, variant)
-        model, tok = lm.load_model(args.worker or os.path.join(args.out, "pretrain", "worker"), args.device, args.dtype)
+        model, tok = lm.load_model(args.worker or os.path.join(args.out, "pretrain", "worker"), args.device, args.dtype,
+                                   grad_ckpt=args.grad_ckpt)
         if os.path.exists(os.path.join(vd, "worker", "meta.json")):
             model, tok = lm.load_model(os.path.join(vd, "worker"), args.device, args.dtype)
         else:
@@ -540,8 +559,7 @@ def stage_sft(args):
             per_step = 6 * lm.param_count(model) * args.sft_batch * sum(len(p) + len(c) for p, c in examples) / len(examples)
             util.write_jsonl(metrics.path, [dict(r, flops=per_step * r["step"]) for r in util.read_jsonl(metrics.path)])
             lm.save_checkpoint(os.path.join(vd, "worker"), model, tok, {"variant": variant, "steps": args.sft_steps})
-            if os.path.exists(os.path.join(vd, "state.pt")):
-                os.remove(os.path.join(vd, "state.pt"))
+            util.remove(os.path.join(vd, "state.pt"))
         rows += rlm.eval_worker(args, model, tok, f"rlm-edge+{variant}", extra={"train_examples": len(targets)})
         curves.append((variant, util.read_jsonl(os.path.join(vd, "metrics.jsonl"))))
     fig = os.path.join(d, "sft_curves.png")

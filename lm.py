@@ -271,6 +271,9 @@ def save_checkpoint(path: str, model, tokenizer: Tokenizer, meta: dict) -> None:
     renamed aside first and removed last, so a crash never leaves a half-written checkpoint at `path`.
     The result also loads with plain transformers.AutoModelForCausalLM.from_pretrained(path).
     """
+    import util
+    if not util.is_main():  # under torchrun only rank 0 writes
+        return
     path = os.path.abspath(path)
     model = getattr(model, "_orig_mod", model)  # save the uncompiled module
     for cfg in (model.config, model.generation_config):  # so model.generate() stops at our EOS
@@ -299,8 +302,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
-def load_model(name_or_dir: str, device: str = "cpu", dtype: str = "float32"):
-    """(model in eval mode, Tokenizer) from a local checkpoint dir or a hub id (the only network path)."""
+def load_model(name_or_dir: str, device: str = "cpu", dtype: str = "float32", grad_ckpt: bool = False):
+    """(model in eval mode, Tokenizer) from a local checkpoint dir or a hub id (the only network path).
+    grad_ckpt: recompute each layer's activations in backward (train mode only; rollouts unaffected)."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported: use one of {sorted(_DTYPES)}")
     path = os.path.expanduser(str(name_or_dir))
@@ -318,6 +322,8 @@ def load_model(name_or_dir: str, device: str = "cpu", dtype: str = "float32"):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"could not load {name_or_dir!r} ({first}): check the name/path, "
                          "and for a hub id that the network is reachable (HF_HUB_OFFLINE unset)") from e
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device).eval(), tok
 
 

@@ -9,7 +9,8 @@ on-policy distillation; Qwen3's strong-to-weak stage). Per step:
 
   1. B prompts from the pool (sub-calls of `rlm-edge`/`rlm-cloud` training episodes; refreshed
      from new `rlm-edge` episodes every `--opd-refresh` steps). A coin per prompt picks on-policy
-     (prob. `--lmbda`: G student samples) or off-policy (the supervisor's recorded relay).
+     (prob. `--lmbda`: G student samples) or off-policy (the supervisor's relay: recorded in an
+     `rlm-cloud` episode, else generated greedily once and cached).
   2. Gate (`--gate`): keep a sample only where the condition holds: `entropy` (mean token entropy
      of the sample above `--gate-threshold`), `first_token` (entropy of its first token above the
      threshold), `wrong` (its episode ended wrong), `disagree` (sampled reverse KL to the teacher
@@ -39,6 +40,7 @@ import random
 import torch
 import torch.nn.functional as F
 
+import dist
 import util
 
 def add_args(p):
@@ -166,6 +168,19 @@ class OPD:
         self.counters = {"step": 0, "teacher_tokens": 0, "student_tokens": 0, "flops": 0.0, "kept": 0, "sampled": 0}
         self.threshold = args.gate_threshold
 
+    def fill_relays(self, items):
+        """The supervisor's greedy relay for pool items that have none, cached in the item."""
+        import lm
+        if not items or self.teacher_kind != "supervisor":
+            return
+        ids = [self.ttok.chat([{"role": "user", "content": it["prompt"]}]) for it in items]
+        with torch.no_grad():
+            ro = lm.rollout(self.teacher, ids, self.args.relay_tokens, temperature=0.0,
+                            eos_token_id=self.ttok.eos_id, pad_token_id=self.ttok.pad_id)
+        for it, p, toks in zip(items, ids, ro.tokens):
+            it["relay"] = self.ttok.decode([t for t in toks if t != self.ttok.eos_id])
+            self.counters["teacher_tokens"] += len(p) + len(toks)
+
     # -- teacher scoring -------------------------------------------------------------------------
     def teacher_inputs(self, item, comp_ids):
         """Teacher prompt ids and completion ids for one student sequence."""
@@ -179,26 +194,42 @@ class OPD:
         return p, self.ttok.encode(text) + ([self.ttok.eos_id] if ends else [])
 
     def step(self, step):
+        """One update; the counters are summed over ranks (each rank counts its own share)."""
+        before = dict(self.counters)
+        out = self._step(step)
+        keys = [k for k in self.counters if k != "step"]
+        deltas = dist.all_sum(*[float(self.counters[k] - before[k]) for k in keys])
+        for k, d in zip(keys, deltas if len(keys) > 1 else [deltas]):
+            self.counters[k] = before[k] + (int(d) if isinstance(before[k], int) else d)
+        out["kept"] = self.counters["kept"] - before["kept"]
+        return out
+
+    def _step(self, step):
         import distill
         import lm
         a, rng = self.args, random.Random(self.args.seed * 1_000_003 + step)
         items = [self.pool[rng.randrange(len(self.pool))] for _ in range(a.opd_batch)]
         s_prompts = [self.stok.chat([{"role": "user", "content": it["prompt"]}]) for it in items]
-        on = [rng.random() < a.lmbda or it["relay"] is None for it in items]
+        on = [rng.random() < a.lmbda for it in items]
+        mine = dist.shard(list(range(len(items))))  # every rank drew the same batch; this is its share
+        # an off-policy prompt needs a supervisor relay: recorded in rlm-cloud, else written now
+        # (greedy, as in the RLM); a self-taught student without one samples instead
+        self.fill_relays([items[i] for i in mine if not on[i] and items[i]["relay"] is None])
+        on = [o or it["relay"] is None for o, it in zip(on, items)]
 
         # 1. sequences: G samples of each on-policy prompt, the supervisor's relay for the others
         seqs = []
-        on_idx = [i for i in range(len(items)) if on[i]]
+        on_idx = [i for i in mine if on[i]]
         if on_idx:
             ro = lm.rollout(self.student, [s_prompts[i] for i in on_idx], a.relay_tokens, temperature=1.0,
                             eos_token_id=self.stok.eos_id, pad_token_id=self.stok.pad_id,
-                            num_samples=a.opd_samples, seed=a.seed * 7919 + step)
+                            num_samples=a.opd_samples, seed=(a.seed * 7919 + step) * dist.world() + dist.rank())
             for k, toks in enumerate(ro.tokens):
                 i = on_idx[k // a.opd_samples]
                 seqs.append({"i": i, "comp": list(toks), "lp": list(ro.logprobs[k]), "ent": list(ro.entropies[k])})
             self.counters["flops"] += flops_forward(self.student, sum(len(s_prompts[i]) for i in on_idx)
                                                     + sum(len(t) for t in ro.tokens))
-        for i in range(len(items)):
+        for i in mine:
             if not on[i]:
                 seqs.append({"i": i, "comp": self.stok.encode(items[i]["relay"]) + [self.stok.eos_id], "lp": None, "ent": None})
         seqs = [s for s in seqs if s["comp"]]
@@ -207,15 +238,12 @@ class OPD:
         # 2. gate on the student's own signals (no teacher cost for what is gated out)
         if a.gate in ("entropy", "first_token", "wrong"):
             seqs = [s for s in seqs if self.gate_keep(s, items[s["i"]])]
-        if not seqs:
-            self.counters["step"] += 1
-            return {"loss": 0.0, "kept": 0}
 
-        # 3. teacher scoring
+        # 3. teacher scoring (a rank whose share is empty still joins the collectives below)
         t_in = [self.teacher_inputs(items[s["i"]], s["comp"]) for s in seqs]
         full = a.opd_loss != "sampled_rkl" or not self.same_tok
         with torch.no_grad():
-            t_out = lm.token_logprobs(self.teacher, [p for p, _ in t_in], [c for _, c in t_in], return_full=full)
+            t_out = lm.token_logprobs(self.teacher, [p for p, _ in t_in], [c for _, c in t_in], return_full=full) if t_in else []
         n_teacher = sum(len(p) + len(c) for p, c in t_in)
         self.counters["teacher_tokens"] += n_teacher
         self.counters["flops"] += flops_forward(self.teacher, n_teacher)
@@ -235,16 +263,21 @@ class OPD:
             t_in = [x for x, k in zip(t_in, keep) if k]
             t_out = [x for x, k in zip(t_out, keep) if k]
             t_lp = [x for x, k in zip(t_lp, keep) if k]
-            if not seqs:
-                self.counters["step"] += 1
-                return {"loss": 0.0, "kept": 0}
         self.counters["kept"] += len(seqs)
+        comps = [s["comp"] for s in seqs]
+        # losses are normalised by the global token (or sequence) count, so summed rank gradients
+        # are the whole batch's gradient
+        n_tok, n_seq = dist.all_sum(float(sum(len(c) for c in comps)), float(sum(1 for _, tc in t_in if tc)))
+        if n_tok == 0:
+            self.counters["step"] += 1
+            return {"loss": 0.0, "kept": 0}
+        if not seqs:  # nothing here this step, but the other ranks' gradients still arrive
+            self.student.zero_grad(set_to_none=True)
+            return self._update(step, torch.zeros(()), 0, [], 0)
 
         # 4. student forward with grad and the loss
         self.student.train()
         s_prompt_ids = [s_prompts[s["i"]] for s in seqs]
-        comps = [s["comp"] for s in seqs]
-        n_tok = sum(len(c) for c in comps)
         s_out = lm.token_logprobs(self.student, s_prompt_ids, comps, return_full=full)
         if not self.same_tok:
             losses = []
@@ -254,7 +287,7 @@ class OPD:
                 losses.append(distill.cross_tokenizer_loss(
                     s_full, t_full, torch.tensor(s["comp"]), torch.tensor(tc), byte_offsets(self.stok, s["comp"]),
                     byte_offsets(self.ttok, tc), self.match_s, self.match_t, beta=a.beta))
-            loss = torch.stack(losses).mean()
+            loss = torch.stack(losses).sum() / max(n_seq, 1.0) if losses else s_out[0].sum() * 0.0
         elif a.opd_loss == "sampled_rkl":
             new_lp = torch.nn.utils.rnn.pad_sequence(s_out, batch_first=True)       # [S, T] with grad
             _, mask = pad_rows([torch.zeros(len(c)) for c in comps])
@@ -273,10 +306,17 @@ class OPD:
                 loss = distill.forward_kl(s_full[..., :V], t_full[..., :V], mask, num_tokens=n_tok)
             else:
                 raise util.UserError(f"unknown --opd-loss '{a.opd_loss}'; choose sampled_rkl, jsd or forward_kl")
+        loss.backward()
+        return self._update(step, loss, len(seqs), s_prompt_ids, sum(len(c) for c in comps))
+
+    def _update(self, step, loss, kept, s_prompt_ids, n_tok):
+        """Sum gradients across ranks, clip, step; count this rank's student tokens and FLOPs."""
+        a = self.args
         for g in self.opt.param_groups:
             g["lr"] = util.cosine_lr(step, a.opd_steps, self.lr, min(10, a.opd_steps // 10 + 1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in self.student.parameters() if p.requires_grad], a.grad_clip)
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        dist.sync_grads(params)
+        torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.student.eval()
@@ -287,7 +327,7 @@ class OPD:
             with torch.no_grad():
                 for pt, ps in zip(self.teacher.parameters(), self.student.parameters()):
                     pt.lerp_(ps.detach(), a.self_ema)
-        return {"loss": float(loss.detach()), "kept": len(seqs)}
+        return {"loss": dist.all_sum(float(loss.detach())), "kept": kept}
 
     def threshold_for(self, gate):
         if self.threshold is None:
@@ -342,17 +382,19 @@ def train_worker(args, name, init_dir, teacher_kind, pool, heldout, dev_groups, 
     a = copy.copy(args)
     for k, v in (overrides or {}).items():
         setattr(a, k, v)
-    student, stok = lm.load_model(init_dir, a.device, a.dtype)
+    student, stok = lm.load_model(init_dir, a.device, a.dtype, grad_ckpt=a.grad_ckpt)
     if teacher_kind == "self":
         teacher, ttok = copy.deepcopy(student), stok
     else:
         teacher, ttok = lm.load_model(a.supervisor or os.path.join(a.out, "pretrain", "supervisor"), a.device, a.dtype)
     teacher.eval().requires_grad_(False)
-    sup = teacher if teacher_kind == "supervisor" else lm.load_model(os.path.join(a.out, "pretrain", "supervisor"), a.device, a.dtype)[0]
-    sup_tok = ttok if teacher_kind == "supervisor" else stok
+    # the curves always measure against the supervisor (a self-taught student too)
+    if teacher_kind == "supervisor":
+        sup, sup_tok = teacher, ttok
+    else:
+        sup, sup_tok = lm.load_model(a.supervisor or os.path.join(a.out, "pretrain", "supervisor"), a.device, a.dtype)
     metrics = util.Metrics(os.path.join(out_dir, "metrics.jsonl"))
-    if os.path.exists(metrics.path):
-        os.remove(metrics.path)          # a variant reruns from scratch; it is minutes on CPU
+    util.remove(metrics.path)            # a variant reruns from scratch; it is minutes on CPU
     run = OPD(a, student, stok, teacher, ttok, pool, teacher_kind=teacher_kind)
     metrics.log(step=0, **curve_point(a, student, stok, sup, sup_tok, heldout, dev_groups, run.counters))
     prog = util.Progress(name, a.opd_steps, quiet=a.quiet)

@@ -187,8 +187,11 @@ def plot_points(points, path, xlabel="cloud $ per query", ylabel="accuracy", cur
 
 
 def _save(fig, path):
-    """Atomic PNG write: a half-written figure never replaces a good one."""
+    """Atomic PNG write: a half-written figure never replaces a good one. Rank 0 only."""
     import matplotlib.pyplot as plt
+    if not util.is_main():
+        plt.close(fig)
+        return path
     fig.tight_layout()
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)

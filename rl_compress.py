@@ -164,6 +164,7 @@ import copy
 import os
 import random
 
+import dist
 import util
 
 
@@ -244,10 +245,13 @@ def sample_batch(a, model, tok, pool, rewarder, reward, step, lam):
     import lm
     rng = random.Random(a.seed * 1_000_003 + step)
     prompts = [pool[rng.randrange(len(pool))]["prompt"] for _ in range(a.rl_batch)]
+    prompts = dist.shard(prompts)  # this rank's groups (a group never spans ranks)
+    if not prompts:
+        return [], {}
     ids = [tok.chat([{"role": "user", "content": p}]) for p in prompts]
     G = a.rl_samples
     ro = lm.rollout(model, ids, a.relay_tokens, temperature=1.0, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
-                    num_samples=G, seed=a.seed * 7919 + step)
+                    num_samples=G, seed=(a.seed * 7919 + step) * dist.world() + dist.rank())
     texts = [tok.decode(t) for t in ro.tokens]
     recon_PG = rewarder(reward, prompts, [texts[i * G:(i + 1) * G] for i in range(len(prompts))])
     lengths_PG = torch.tensor([float(len(t)) for t in ro.tokens]).view(-1, G)
@@ -270,8 +274,12 @@ def task_batch(a, model, tok, step, lam):
     P, G = max(1, a.rl_batch // 2), a.rl_samples
     group = [tasks.generate_tasks(1, rng.choice(a.families), a.short_chars, split="train", seed=rng.randrange(1 << 30))[0]
              for _ in range(P)]
+    group = dist.shard(group)
+    if not group:
+        return [], {}
+    P = len(group)
     ep = rlm.Endpoint("worker", model, tok, False, a.relay_tokens, temperature=1.0,
-                      window=model.config.max_position_embeddings, seed=a.seed * 7919 + step)
+                      window=model.config.max_position_embeddings, seed=(a.seed * 7919 + step) * dist.world() + dist.rank())
     trajs = rlm.RLM(None, ep, lines_per_chunk=a.lines_per_chunk, max_subcalls=a.max_subcalls,
                     timeout_s=a.repl_timeout).run_many([t for t in group for _ in range(G)], "rl", a.concurrency)
     relay = torch.tensor([t.ledger()["relay_tokens"] / max(1, t.ledger()["subcalls"]) for t in trajs]).view(P, G)
@@ -289,13 +297,32 @@ def task_batch(a, model, tok, step, lam):
                   "relay_tokens": float(relay.mean())}
 
 
+def rl_loss(a, model, ref, seqs, n_seq, n_tok):
+    """GRPO loss of this rank's sequences (normalised by the global counts), backpropagated."""
+    import lm
+    p_ids, comps, old_lps, adv = (list(x) for x in zip(*seqs))
+    old = torch.nn.utils.rnn.pad_sequence([torch.tensor(x) for x in old_lps], batch_first=True)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(c)) for c in comps], batch_first=True)
+    ref_lp = None
+    if ref is not None:
+        with torch.no_grad():
+            ref_lp = torch.nn.utils.rnn.pad_sequence(lm.token_logprobs(ref, p_ids, comps), batch_first=True)
+    model.train()
+    new = torch.nn.utils.rnn.pad_sequence(lm.token_logprobs(model, p_ids, comps), batch_first=True)
+    loss, st = grpo_loss(new, old, torch.tensor(adv), mask, norm=a.norm, clip_low=a.clip_low, clip_high=a.clip_high,
+                         ref_logprobs_BT=ref_lp, kl=a.kl, kl_coef=a.kl_coef, max_len=a.relay_tokens,
+                         num_seqs=n_seq, num_tokens=n_tok)
+    loss.backward()
+    return loss, st
+
+
 def train_rl(args, name, pool, heldout, dev, out_dir, lam, reward):
     """GRPO on the worker from the pretrained checkpoint; returns the trained model, tokenizer."""
     import lm
     import opd
     import train
     a = args
-    model, tok = lm.load_model(a.worker or os.path.join(a.out, "pretrain", "worker"), a.device, a.dtype)
+    model, tok = lm.load_model(a.worker or os.path.join(a.out, "pretrain", "worker"), a.device, a.dtype, grad_ckpt=a.grad_ckpt)
     sup, sup_tok = lm.load_model(a.supervisor or os.path.join(a.out, "pretrain", "supervisor"), a.device, a.dtype)
     sup.eval().requires_grad_(False)
     ref = copy.deepcopy(model).eval().requires_grad_(False) if a.kl != "none" else None
@@ -303,8 +330,7 @@ def train_rl(args, name, pool, heldout, dev, out_dir, lam, reward):
     opt = distill.make_optimizer(model, a.rl_lr, 0.0)
     rewarder = Rewarder(sup, sup_tok)
     metrics = util.Metrics(os.path.join(out_dir, "metrics.jsonl"))
-    if os.path.exists(metrics.path):
-        os.remove(metrics.path)
+    util.remove(metrics.path)
     metrics.log(step=0, **opd.curve_point(a, model, tok, sup, sup_tok, heldout, dev))
     prog = util.Progress(name, a.rl_steps, quiet=a.quiet)
     for step in range(a.rl_steps):
@@ -312,29 +338,22 @@ def train_rl(args, name, pool, heldout, dev, out_dir, lam, reward):
             seqs, stats = task_batch(a, model, tok, step, lam)
         else:
             seqs, stats = sample_batch(a, model, tok, pool, rewarder, reward, step, lam)
-        if seqs:
-            p_ids, comps, old_lps, adv = (list(x) for x in zip(*seqs))
-            old = torch.nn.utils.rnn.pad_sequence([torch.tensor(x) for x in old_lps], batch_first=True)
-            mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(c)) for c in comps], batch_first=True)
-            adv = torch.tensor(adv)
-            ref_lp = None
-            if ref is not None:
-                with torch.no_grad():
-                    ref_lp = torch.nn.utils.rnn.pad_sequence(lm.token_logprobs(ref, p_ids, comps), batch_first=True)
+        # every rank saw its own groups: average the stats, normalise by the global counts
+        keys = ("zero_var_frac", "reward", "relay_tokens")
+        n_groups, *sums = dist.all_sum(float(bool(stats)), *[stats.get(k, 0.0) for k in keys])
+        stats = {k: v / max(n_groups, 1.0) for k, v in zip(keys, sums)}
+        n_seq, n_tok = dist.all_sum(float(len(seqs)), float(sum(len(s[1]) for s in seqs)))
+        if n_seq > 0:
             for g in opt.param_groups:
                 g["lr"] = util.cosine_lr(step, a.rl_steps, a.rl_lr, min(10, a.rl_steps // 10 + 1))
             for _ in range(a.ppo_epochs):
-                model.train()
-                new = torch.nn.utils.rnn.pad_sequence(lm.token_logprobs(model, p_ids, comps), batch_first=True)
-                loss, st = grpo_loss(new, old, adv, mask, norm=a.norm, clip_low=a.clip_low, clip_high=a.clip_high,
-                                     ref_logprobs_BT=ref_lp, kl=a.kl, kl_coef=a.kl_coef, max_len=a.relay_tokens,
-                                     num_seqs=len(comps))
-                loss.backward()
+                loss, st = rl_loss(a, model, ref, seqs, n_seq, n_tok) if seqs else (None, {})
+                dist.sync_grads(model.parameters())
                 torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             model.eval()
-            stats.update(loss=float(loss.detach()), **st)
+            stats.update(loss=dist.all_sum(float(loss.detach()) if loss is not None else 0.0), **st)
         metrics.log(step=step + 1, **stats)
         if (step + 1) % a.eval_every == 0 or step + 1 == a.rl_steps:
             metrics.log(step=step + 1, **opd.curve_point(a, model, tok, sup, sup_tok, heldout, dev))

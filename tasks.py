@@ -15,8 +15,9 @@ computable from the text alone. Run
     python -m tasks --family pairs --n 2 --context_chars 2000                 # print examples
     python -m tasks --family count --n 500 --context_chars 100000 --out data/count.jsonl
 
-Train and eval use disjoint entity names (every word of a train name starts with a different
-letter set than an eval name), so eval measures reading, not memorised names.
+Train and eval use disjoint entity names (a fixed random half of all name words each), so eval
+measures reading, not memorised names; both halves are spelt from the same syllables, so a
+tokenizer trained on the train split cuts eval names into pieces it has seen.
 
 What this deliberately does not do: no paraphrases (one template per fact, so a tiny worker can
 learn it), no pronouns or coreference, no contradictory or updated facts, no mixing of families
@@ -51,9 +52,10 @@ class Task:
 # -----------------------------------------------------------------------------
 # names. Every word is CVCVC ("Kelom", "Dasir"): all words have the same length and are distinct,
 # so no word is a substring of another and a line-anchored regex can never confuse two entities.
-# The first letter of every word comes from a split-specific set, so train and eval are disjoint.
+# Train and eval take disjoint random halves of the 29,400 words. (An earlier version split by
+# first letter; eval names then began with capitals never seen in training, so their first token
+# had an untrained embedding and no model could copy it. docs/LOG.md.)
 
-_FIRST_ONSETS = {"train": "bdgkmpt", "eval": "flnrsvz"}
 _ONSETS, _VOWELS, _CODAS = "bdfgklmnprstvz", "aeiou", "nrlskm"
 _ORG_SUFFIXES = ("Labs", "Group", "Systems", "Works", "Partners", "Holdings", "Dynamics", "Foundry")
 _ROLES = ("an engineer", "a nurse", "a teacher", "an analyst", "a designer", "a manager",
@@ -61,10 +63,11 @@ _ROLES = ("an engineer", "a nurse", "a teacher", "an analyst", "a designer", "a 
 
 @lru_cache(maxsize=None)
 def _name_pools(split):
-    words = [(a + v + b + w + c).capitalize() for a in _FIRST_ONSETS[split] for v in _VOWELS
-             for b in _ONSETS for w in _VOWELS for c in _CODAS]  # 14,700 words per split
+    words = [(a + v + b + w + c).capitalize() for a in _ONSETS for v in _VOWELS
+             for b in _ONSETS for w in _VOWELS for c in _CODAS]
     words = [x for x in words if "none" not in x.lower()]  # "none" is the relay's abstain token
-    random.Random(f"names/{split}").shuffle(words)  # fixed seed: pools never depend on the task seed
+    random.Random("names").shuffle(words)  # fixed seed: pools never depend on the task seed
+    words = words[SPLITS.index(split)::2]  # ~14,700 words per split
     # disjoint slices: a first name is never a last name, a city or an org word
     return {"first": words[:700], "last": words[700:2000], "org": words[2000:9000], "city": words[9000:10500]}
 

@@ -29,6 +29,7 @@ import time
 
 import torch
 
+import dist
 import util
 from util import UserError
 
@@ -63,6 +64,7 @@ def build_parser():
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32", help="float32 | bfloat16")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    g.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing for every trained model (less memory, ~30%% more compute)")
     g.add_argument("--quiet", action="store_true", help="no progress line")
     g.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="print two runs' main tables side by side")
 
@@ -82,6 +84,8 @@ def build_parser():
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--pretrain-examples", type=int, default=None, help="training examples per model")
     g.add_argument("--heldout-relays", type=int, default=None, help="held-out chunks for relay accuracy")
+    g.add_argument("--relay-questions", type=int, default=8, help="sub-questions per chunk in a pretraining example")
+    g.add_argument("--min-chunk-lines", type=int, default=4, help="shortest chunk in pretraining (longest: lines per chunk + 2)")
     g.add_argument("--ckpt-every", type=int, default=100)
 
     g = p.add_argument_group("tasks and eval")
@@ -197,6 +201,36 @@ def relay_examples(n, args, rng, split="train"):
     return out[:n]
 
 
+def relay_dialogues(n, args, rng, questions):
+    """Pretraining's relay data: one chunk, then `questions` sub-questions about it as a multi-turn
+    chat ("Question: ..." turns after the first). The first turn is exactly a sub-call; the later
+    ones give the same forward pass up to `questions` retrieval targets instead of one, which is
+    what lets a from-scratch model learn to read a chunk within a CPU budget (docs/LOG.md)."""
+    import tasks
+    out = []
+    seed = rng.randrange(1 << 30)
+    while len(out) < n:
+        seed += 1
+        t = tasks.generate_tasks(1, rng.choice(tasks.FAMILIES), 2_000, split="train", seed=seed)[0]
+        lines = t.context.split("\n")
+        for _ in range(8):
+            k = rng.randint(args.min_chunk_lines, args.lines_per_chunk + 2)
+            i = rng.randrange(0, max(1, len(lines) - k))
+            chunk = "\n".join(lines[i:i + k])
+            msgs = []
+            for _ in range(questions):
+                src = lines[i:i + k] if rng.random() < 0.6 else lines   # ~40% about another chunk
+                subq = subquestion_for_line(rng.choice(src), rng)
+                if subq is None:
+                    continue
+                prompt = tasks.subcall_prompt(chunk, subq)
+                msgs += [{"role": "user", "content": prompt if not msgs else f"Question: {subq}"},
+                         {"role": "assistant", "content": tasks.ideal_relay(prompt)}]
+            if msgs:
+                out.append(msgs)
+    return out[:n]
+
+
 def subquestion_for_line(line, rng):
     """The sub-question this fact line answers (None for lines that answer none of them)."""
     import re
@@ -228,6 +262,18 @@ def direct_prompt(context, question):
     return f"{context}\nQuestion: {question}"
 
 
+def encode_dialogues(tok, dialogues, max_len):
+    """Multi-turn chats -> (everything before the last answer, last answer + EOS); trained with
+    prompt_weight 1, so every earlier answer is a target too."""
+    out = []
+    for msgs in dialogues:
+        p = tok.chat(msgs[:-1])
+        c = tok.encode(msgs[-1]["content"]) + [tok.eos_id]
+        if len(p) + len(c) <= max_len:
+            out.append((p, c))
+    return out
+
+
 def encode_examples(tok, pairs, max_len):
     """Chat-format (user, assistant) pairs into (prompt_ids, completion_ids incl. EOS), dropping
     examples that do not fit the window."""
@@ -250,7 +296,8 @@ def build_tokenizer(args, vocab_size, tok_dir):
     texts, n = [], 0
     for i, fam in enumerate(tasks.FAMILIES * 1000):
         t = tasks.generate_tasks(1, fam, 4_000, split="train", seed=10_000 + i)[0]
-        texts += [t.context, t.question, rlm.planner_program(t, args.lines_per_chunk)]
+        texts += [t.context, t.question, rlm.planner_program(t, args.lines_per_chunk),
+                  "".join(f"\nQuestion: {q}" for q in t.subquestions)]  # the sub-call format too
         n += len(t.context)
         if n >= args.bpe_chars:
             break
@@ -267,7 +314,8 @@ def pretrain_data(args, tok, role, seed):
     rng = random.Random(seed)
     win = lm.MODEL_PRESETS[args.preset][role].max_seq_len
     n = args.pretrain_examples
-    data = encode_examples(tok, relay_examples(n, args, rng) + direct_examples(n // 20, args, rng, max_chars=3 * win), win)
+    data = (encode_dialogues(tok, relay_dialogues(n, args, rng, args.relay_questions), win)
+            + encode_examples(tok, direct_examples(n // 20, args, rng, max_chars=3 * win), win))
     if role == "supervisor":
         data += encode_examples(tok, rlm.root_examples(n // 6, args, rng), win)
     return data
@@ -292,8 +340,7 @@ def pretrain_model(args, role, tok, out_dir, steps, seed, heldout):
                     ckpt_every=args.ckpt_every, metrics=util.Metrics(out_dir.rstrip("/") + "_metrics.jsonl"),
                     name=f"pretrain {role}", quiet=args.quiet)
         lm.save_checkpoint(out_dir, model, tok, {"role": role, "steps": steps, "config": dataclasses.asdict(cfg)})
-        if os.path.exists(state):
-            os.remove(state)
+        util.remove(state)
     acc = relay_accuracy(model, tok, heldout, args.relay_tokens)
     print(f"[pretrain] {role}: {lm.param_count(model) / 1e6:.2f}M params, held-out relay accuracy {acc:.3f}")
     return {"params": lm.param_count(model), "steps": steps, "relay_accuracy": acc}
@@ -340,6 +387,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args = resolve(args)
+        dist.init(args.device)           # under torchrun: join the process group (dist.py)
+        args.device = dist.device(args.device)
+        if not util.is_main():           # one rank talks and writes; the others only compute
+            sys.stdout = open(os.devnull, "w")
         if args.threads:
             torch.set_num_threads(args.threads)
         if args.compare:
@@ -347,6 +398,8 @@ def main(argv=None):
             print(report.compare(*args.compare))
             return 0
         stages = STAGES if args.stage == "all" else [args.stage]
+        if args.stage == "all" and args.worker and args.supervisor:
+            stages = stages[1:]           # both models named: nothing to pretrain
         for s in stages:
             if s not in STAGE_FNS:
                 raise UserError(f"unknown stage '{s}'; choose one of all, {', '.join(STAGES)} (e.g. --stage eval)")
@@ -357,6 +410,7 @@ def main(argv=None):
         util.atomic_write_json(os.path.join(args.out, "args.json"), vars(args))
         for s in stages:
             run_stage(args, s)
+            dist.barrier()               # rank 0 has written this stage's result before anyone goes on
         import report
         table = report.write(args.out, {k: v for k, v in vars(args).items() if k != "compare"})
         if table:
@@ -369,6 +423,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
+    finally:
+        dist.close()
 
 
 if __name__ == "__main__":

@@ -240,6 +240,7 @@ import hashlib
 import os
 import random
 
+import dist
 import util
 
 CASCADE_SIGNALS = ("mean_entropy", "first_entropy", "mean_logprob", "min_logprob")
@@ -286,17 +287,22 @@ def deferral_report(conf, correct_small, correct_large):
 def train_gatekeeper(model, examples, alpha, steps, batch_size, lr, seed, grad_clip=1.0):
     import distill
     opt = distill.make_optimizer(model, lr, 0.0)
+    dev = next(model.parameters()).device
     for step in range(steps):
         rng = random.Random(seed * 1_000_003 + step)
         batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
-        ids_BT, attn_BT, tmask_BT = distill.pad_examples(batch, 0)
-        labels_BT = ids_BT.masked_fill(tmask_BT == 0, -100)
-        model.train()
-        logits_BTV = model(input_ids=ids_BT, attention_mask=attn_BT).logits
-        loss = gatekeeper_loss(logits_BTV[:, :-1], labels_BT[:, 1:], alpha)
+        mine = dist.shard(batch)  # under torchrun: this rank's rows, weighted by its share of tokens
+        if mine:
+            ids_BT, attn_BT, tmask_BT = distill.pad_examples(mine, 0)
+            labels_BT = ids_BT.masked_fill(tmask_BT == 0, -100)
+            model.train()
+            logits_BTV = model(input_ids=ids_BT.to(dev), attention_mask=attn_BT.to(dev)).logits
+            share = sum(len(c) for _, c in mine) / sum(len(c) for _, c in batch)
+            loss = gatekeeper_loss(logits_BTV[:, :-1], labels_BT[:, 1:].to(dev), alpha) * share
+            loss.backward()
         for g in opt.param_groups:
             g["lr"] = util.cosine_lr(step, steps, lr, min(10, steps // 10 + 1))
-        loss.backward()
+        dist.sync_grads(model.parameters())
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -323,7 +329,7 @@ def stage_gatekeeper(args):
     # the worker's own sub-call prompts, labelled with the gold relay of each chunk
     examples = train.encode_examples(tok, [(p, tasks.ideal_relay(p)) for p in prompts], base.config.max_position_embeddings)
     for alpha in [float(a) for a in args.gk_alphas.split(",")]:
-        model = lm.load_model(wdir, args.device, args.dtype)[0]
+        model = lm.load_model(wdir, args.device, args.dtype, grad_ckpt=args.grad_ckpt)[0]
         train_gatekeeper(model, examples, alpha, args.gk_steps, args.sft_batch, args.gk_lr, args.seed, args.grad_clip)
         lm.save_checkpoint(os.path.join(d, f"alpha{alpha:g}"), model, tok, {"alpha": alpha, "steps": args.gk_steps})
         conf, small = relay_confidences(model, tok, heldout, args.gk_signal, args.relay_tokens)

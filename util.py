@@ -20,6 +20,19 @@ class UserError(Exception):
     """Bad input from the user: train.py prints the message on one line and exits 2, no traceback."""
 
 
+def is_main():
+    """True on rank 0 of a torchrun job (and always in a single process). Only rank 0 writes: every
+    writer below is a no-op elsewhere, so stage code needs no rank checks (see dist.py)."""
+    import torch.distributed as td
+    return not td.is_initialized() or td.get_rank() == 0
+
+
+def remove(path):
+    """Delete a file if it exists (rank 0 only, like every write)."""
+    if is_main() and os.path.exists(path):
+        os.remove(path)
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -31,6 +44,8 @@ def seed_everything(seed):
 # crash or Ctrl-C never leaves a half-written report or checkpoint behind.
 
 def atomic_write_text(path, text):
+    if not is_main():
+        return
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
@@ -65,6 +80,8 @@ def read_jsonl(path):
 
 
 def atomic_torch_save(obj, path):
+    if not is_main():
+        return
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pt")
@@ -86,12 +103,14 @@ class Metrics:
         self.path = path
 
     def log(self, **row):
+        if not is_main():
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
     def truncate_after(self, step):
         """On resume, drop lines written after the checkpoint we resumed from (they will be redone)."""
-        if not os.path.exists(self.path):
+        if not is_main() or not os.path.exists(self.path):
             return
         rows = [r for r in read_jsonl(self.path) if r.get("step", -1) <= step]
         write_jsonl(self.path, rows)
@@ -103,7 +122,7 @@ class Progress:
     """One self-overwriting terminal line: `stage  step/total  rate  ETA  extra`."""
 
     def __init__(self, stage, total, unit="step", quiet=False):
-        self.stage, self.total, self.unit, self.quiet = stage, max(1, total), unit, quiet
+        self.stage, self.total, self.unit, self.quiet = stage, max(1, total), unit, quiet or not is_main()
         self.t0 = time.time()
         self.start = 0
         self.last_print = 0.0

@@ -74,6 +74,26 @@ def test_eval_stage_runs_on_checkpoints_named_by_path(model_dirs, tmp_path):
     assert all(r["subcalls"] > 0 and r["edge_in_tokens"] > 0 for r in edge)
 
 
+def test_every_stage_runs_on_checkpoints_named_by_path(model_dirs, tmp_path):
+    # the whole study with a Qwen3-architecture supervisor and a Llama-architecture worker, both
+    # with a 152k-row vocabulary: pretraining is skipped, every other stage trains and reports
+    out = str(tmp_path / "all")
+    argv = ["--preset", "smoke", "--out", out, "--quiet", "--supervisor", model_dirs["qwen3"], "--worker",
+            model_dirs["llama"], "--eval-n", "1", "--families", "needle", "--root", "planner", "--root-tokens", "16",
+            "--relay-tokens", "4", "--answer-tokens", "4", "--grad-ckpt", "--sft-steps", "2", "--opd-steps", "2",
+            "--rl-steps", "2", "--lams", "0.1", "--gk-steps", "2", "--cascade-rates", "0.5"]
+    assert train.main(argv) == 0
+    assert not os.path.exists(os.path.join(out, "pretrain"))
+    rep = json.load(open(os.path.join(out, "report.json")))
+    for stage in ("eval", "collect", "fewshot", "sft", "rl", "opd", "gatekeeper", "cascade"):
+        assert stage in rep["stages"], stage
+    methods = {r["method"] for r in rep["rows"]}
+    assert {"rlm-edge+sft", "rlm-edge+opd", "rlm-edge+opd-self", "rlm-edge+rl(lam=0.1)"} <= methods
+    # the trained workers keep the checkpoint's 152k-row vocabulary and load back by path
+    model, tok = lm.load_model(os.path.join(out, "opd", "opd", "worker"))
+    assert model.config.vocab_size == 151_936 and tok.hf is not None
+
+
 def test_bad_model_names_are_one_line_errors(tmp_path, capsys):
     assert train.main(["--preset", "smoke", "--worker", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "config.json" in capsys.readouterr().err

@@ -13,13 +13,6 @@ KEYS = ["method", "family", "context_chars", "n", "accuracy", "cloud_in_tokens",
         "edge_in_tokens", "edge_out_tokens", "cost_usd", "subcalls", "relay_tokens", "seconds"]
 
 
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("runs") / "smoke")
-    assert train.main(["--preset", "smoke", "--out", out, "--quiet"]) == 0
-    return out
-
-
 def test_report_has_every_method_with_finite_numbers(smoke_run):
     with open(os.path.join(smoke_run, "report.json")) as f:
         rep = json.load(f)
