@@ -235,8 +235,9 @@ MODEL_PRESETS = {
         "supervisor": ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=512),
         "worker": ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=96, max_seq_len=512),
     },
-    "tiny": {  # ~5M and ~0.7M parameters with a 1024 vocabulary
-        "supervisor": ModelConfig(d_model=256, n_layers=6, n_heads=4, n_kv_heads=2, d_ff=768, max_seq_len=1024),
+    "tiny": {  # ~2.0M and ~0.7M parameters with a 1024 vocabulary (a 5M supervisor, d256 x 6 layers,
+               # needs ~50 minutes of pretraining on a 2-core CPU to learn retrieval; docs/LOG.md)
+        "supervisor": ModelConfig(d_model=192, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=576, max_seq_len=1024),
         "worker": ModelConfig(d_model=128, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=512),
     },
 }
