@@ -272,9 +272,13 @@ def save_checkpoint(path: str, model, tokenizer: Tokenizer, meta: dict) -> None:
     renamed aside first and removed last, so a crash never leaves a half-written checkpoint at `path`.
     The result also loads with plain transformers.AutoModelForCausalLM.from_pretrained(path).
     """
-    import util
-    if not util.is_main():  # under torchrun only rank 0 writes
-        return
+    import dist
+    if dist.is_main():  # under torchrun only rank 0 writes; the others wait, since they may load it next
+        _write_checkpoint(path, model, tokenizer, meta)
+    dist.barrier()
+
+
+def _write_checkpoint(path, model, tokenizer, meta):
     path = os.path.abspath(path)
     model = getattr(model, "_orig_mod", model)  # save the uncompiled module
     for cfg in (model.config, model.generation_config):  # so model.generate() stops at our EOS

@@ -86,6 +86,8 @@ def test_every_stage_runs_on_checkpoints_named_by_path(model_dirs, tmp_path):
     assert not os.path.exists(os.path.join(out, "pretrain"))
     rep = json.load(open(os.path.join(out, "report.json")))
     for stage in ("eval", "collect", "fewshot", "sft", "rl", "opd", "gatekeeper", "cascade"):
+        assert os.path.exists(os.path.join(out, stage, "result.json")), stage
+    for stage in ("sft", "rl", "opd", "gatekeeper", "cascade"):
         assert stage in rep["stages"], stage
     methods = {r["method"] for r in rep["rows"]}
     assert {"rlm-edge+sft", "rlm-edge+opd", "rlm-edge+opd-self", "rlm-edge+rl(lam=0.1)"} <= methods
