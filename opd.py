@@ -55,7 +55,7 @@ def add_args(p):
     g.add_argument("--teacher", default="supervisor", help="supervisor | self")
     g.add_argument("--self-ema", type=float, default=0.0, help="EMA rate of the self teacher (0 = frozen)")
     g.add_argument("--gate", default="none", help="none | entropy | first_token | wrong | disagree")
-    g.add_argument("--gate-threshold", type=float, default=None, help="default: the pool's median signal")
+    g.add_argument("--gate-threshold", type=float, default=None, help="default: the median signal of the first step's samples")
     g.add_argument("--opd-refresh", type=int, default=0, help="refresh rlm-edge prompts every N steps (0 = never)")
     g.add_argument("--opd-variants", default=None, help="comma list: opd,sft+opd,opd-self,opd-gated,opd-xtok")
     g.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
@@ -236,6 +236,8 @@ class OPD:
         self.counters["sampled"] += len(seqs)
 
         # 2. gate on the student's own signals (no teacher cost for what is gated out)
+        if a.gate in ("entropy", "first_token"):
+            self.set_default_threshold([self.gate_signal(s) for s in seqs if s["ent"] is not None])
         if a.gate in ("entropy", "first_token", "wrong"):
             seqs = [s for s in seqs if self.gate_keep(s, items[s["i"]])]
 
@@ -253,12 +255,10 @@ class OPD:
         else:
             t_lp = t_out
         if a.gate == "disagree":
-            keep = []
-            for s, tl in zip(seqs, t_lp):
-                if s["lp"] is None or not self.same_tok:
-                    keep.append(True)
-                else:
-                    keep.append(float(torch.tensor(s["lp"]).mean() - tl.mean()) > self.threshold_for("disagree"))
+            rkl = [float(torch.tensor(s["lp"]).mean() - tl.mean()) if s["lp"] is not None and self.same_tok else None
+                   for s, tl in zip(seqs, t_lp)]
+            self.set_default_threshold([r for r in rkl if r is not None])
+            keep = [r is None or r > self.threshold for r in rkl]
             seqs = [s for s, k in zip(seqs, keep) if k]
             t_in = [x for x, k in zip(t_in, keep) if k]
             t_out = [x for x, k in zip(t_out, keep) if k]
@@ -329,21 +329,24 @@ class OPD:
                     pt.lerp_(ps.detach(), a.self_ema)
         return {"loss": dist.all_sum(float(loss.detach())), "kept": kept}
 
-    def threshold_for(self, gate):
-        if self.threshold is None:
-            self.threshold = {"entropy": 0.05, "first_token": 0.05, "disagree": 0.05}.get(gate, 0.0)
-        return self.threshold
+    def set_default_threshold(self, values):
+        """Without --gate-threshold, the first step's median signal becomes the threshold, so the
+        gate keeps about half the samples whatever the signal's scale. (A fixed 0.05 nats kept
+        every sample of a high-entropy tiny worker: gated OPD was plain OPD.)"""
+        if self.threshold is None and values:
+            self.threshold = float(torch.tensor(values).median())
+
+    def gate_signal(self, s):
+        import uncertainty
+        sig = uncertainty.signals(torch.tensor(s["lp"]), torch.tensor(s["ent"]))
+        return sig["mean_entropy"] if self.args.gate == "entropy" else sig["first_entropy"]
 
     def gate_keep(self, s, item):
-        g = self.args.gate
-        if g == "wrong":
+        if self.args.gate == "wrong":
             return not item["correct"]
         if s["ent"] is None:                     # off-policy supervisor relays always teach
             return True
-        import uncertainty
-        sig = uncertainty.signals(torch.tensor(s["lp"]), torch.tensor(s["ent"]))
-        value = sig["mean_entropy"] if g == "entropy" else sig["first_entropy"]
-        return value > self.threshold_for(g)
+        return self.gate_signal(s) > self.threshold
 
 
 # ----------------------------------------------------------------------------------------------

@@ -87,6 +87,15 @@ def test_entropy_gate_keeps_only_uncertain_samples(toks):
     assert high.counters["teacher_tokens"] == 0 < low.counters["teacher_tokens"]
 
 
+def test_gate_default_threshold_is_the_first_steps_median(toks):
+    # regression: a fixed 0.05-nat default kept every sample of a high-entropy worker
+    tok = toks[0]
+    run = opd.OPD(args_(gate="entropy", gate_threshold=None), model_for(tok, 0), tok, model_for(tok, 1), tok, pool())
+    out = run.step(0)
+    assert run.threshold is not None and run.threshold > 0.05
+    assert 0 < out["kept"] < run.counters["sampled"]
+
+
 def test_self_teacher_reads_only_the_evidence_lines():
     t = tasks.generate_tasks(1, "needle", 2_000, seed=3)[0]
     chunk = next(c for c in tasks.chunk_lines(t.context, 8) if t.meta["target"] in c)
