@@ -552,7 +552,7 @@ def stage_sft(args):
             metrics = util.Metrics(os.path.join(vd, "metrics.jsonl"))
             fit(model, examples, steps=args.sft_steps, batch_size=args.sft_batch, lr=args.sft_lr, warmup=5,
                 weight_decay=0.0, grad_clip=args.grad_clip, seed=args.seed, state_path=os.path.join(vd, "state.pt"),
-                ckpt_every=args.ckpt_every, metrics=metrics, eval_every=args.eval_every, name=variant, quiet=args.quiet,
+                micro_batch=args.micro_batch or None, ckpt_every=args.ckpt_every, metrics=metrics, eval_every=args.eval_every, name=variant, quiet=args.quiet,
                 eval_fn=lambda m: opd.curve_point(args, m, tok, sup, sup_tok, heldout, dev))
             # FLOPs for the compute-matched curves: 6N per trained token (the supervisor's cost of
             # writing the relays was paid once in the collect stage and is not counted here)

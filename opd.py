@@ -275,9 +275,27 @@ class OPD:
             self.student.zero_grad(set_to_none=True)
             return self._update(step, torch.zeros(()), 0, [], 0)
 
-        # 4. student forward with grad and the loss
+        # 4. student forward with grad and the loss, `--micro-batch` sequences at a time: every
+        # loss is a sum over sequences divided by the global token / sequence count, so the
+        # accumulated gradient is the same whatever the micro-batch
         self.student.train()
         s_prompt_ids = [s_prompts[s["i"]] for s in seqs]
+        mb = a.micro_batch or len(seqs)
+        loss = torch.zeros(())
+        for k in range(0, len(seqs), mb):
+            part = slice(k, k + mb)
+            mb_loss = self._loss(seqs[part], s_prompt_ids[part], comps[part], t_in[part], t_out[part], t_lp[part],
+                                 full, n_tok, n_seq)
+            mb_loss.backward()
+            loss = loss + mb_loss.detach()
+        return self._update(step, loss, len(seqs), s_prompt_ids, sum(len(c) for c in comps))
+
+    def _loss(self, seqs, s_prompt_ids, comps, t_in, t_out, t_lp, full, n_tok, n_seq):
+        """The distillation loss of some of this step's sequences, normalised by the step's global
+        token count (n_seq for the cross-tokenizer loss)."""
+        import distill
+        import lm
+        a = self.args
         s_out = lm.token_logprobs(self.student, s_prompt_ids, comps, return_full=full)
         if not self.same_tok:
             losses = []
@@ -287,27 +305,23 @@ class OPD:
                 losses.append(distill.cross_tokenizer_loss(
                     s_full, t_full, torch.tensor(s["comp"]), torch.tensor(tc), byte_offsets(self.stok, s["comp"]),
                     byte_offsets(self.ttok, tc), self.match_s, self.match_t, beta=a.beta))
-            loss = torch.stack(losses).sum() / max(n_seq, 1.0) if losses else s_out[0].sum() * 0.0
-        elif a.opd_loss == "sampled_rkl":
+            return torch.stack(losses).sum() / max(n_seq, 1.0) if losses else s_out[0].sum() * 0.0
+        if a.opd_loss == "sampled_rkl":
             new_lp = torch.nn.utils.rnn.pad_sequence(s_out, batch_first=True)       # [S, T] with grad
             _, mask = pad_rows([torch.zeros(len(c)) for c in comps])
             samp = [torch.tensor(s["lp"]) if s["lp"] is not None else o.detach() for s, o in zip(seqs, s_out)]
             samp_lp, _ = pad_rows(samp)
             teach_lp, _ = pad_rows(t_lp)
             adv = -distill.sampled_reverse_kl(samp_lp, teach_lp, mask)
-            loss = distill.importance_sampling_loss(new_lp, samp_lp, adv, mask, num_tokens=n_tok)
-        else:
-            s_full, t_full = pad_full(s_out), pad_full(t_out)
-            V = min(s_full.shape[-1], t_full.shape[-1])
-            _, mask = pad_rows([torch.zeros(len(c)) for c in comps])
-            if a.opd_loss == "jsd":
-                loss = distill.generalized_jsd(s_full[..., :V], t_full[..., :V], mask, beta=a.beta, num_tokens=n_tok)
-            elif a.opd_loss == "forward_kl":
-                loss = distill.forward_kl(s_full[..., :V], t_full[..., :V], mask, num_tokens=n_tok)
-            else:
-                raise util.UserError(f"unknown --opd-loss '{a.opd_loss}'; choose sampled_rkl, jsd or forward_kl")
-        loss.backward()
-        return self._update(step, loss, len(seqs), s_prompt_ids, sum(len(c) for c in comps))
+            return distill.importance_sampling_loss(new_lp, samp_lp, adv, mask, num_tokens=n_tok)
+        s_full, t_full = pad_full(s_out), pad_full(t_out)
+        V = min(s_full.shape[-1], t_full.shape[-1])
+        _, mask = pad_rows([torch.zeros(len(c)) for c in comps])
+        if a.opd_loss == "jsd":
+            return distill.generalized_jsd(s_full[..., :V], t_full[..., :V], mask, beta=a.beta, num_tokens=n_tok)
+        if a.opd_loss == "forward_kl":
+            return distill.forward_kl(s_full[..., :V], t_full[..., :V], mask, num_tokens=n_tok)
+        raise util.UserError(f"unknown --opd-loss '{a.opd_loss}'; choose sampled_rkl, jsd or forward_kl")
 
     def _update(self, step, loss, kept, s_prompt_ids, n_tok):
         """Sum gradients across ranks, clip, step; count this rank's student tokens and FLOPs."""

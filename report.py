@@ -102,6 +102,14 @@ def write(out, config):
         md += ["## Pretrained models", "", "| model | params | steps | held-out relay accuracy |", "|---|---|---|---|"]
         md += [f"| {k} | {v['params'] / 1e6:.2f}M | {v['steps']} | {v['relay_accuracy']:.3f} |" for k, v in pre.items()]
         md.append("")
+    rd = extras.get("cascade", {}).get("relay_deferral")
+    if rd:
+        md += [f"## When to escalate: relay-level deferral (held-out chunks; worker {rd['worker_acc']:.3f}, "
+               f"supervisor {rd['supervisor_acc']:.3f})", "",
+               f"| signal | s_d | AUROC | relay accuracy at {rd['rate']:.0%} escalated | gap recovered |", "|---|---|---|---|---|"]
+        md += [f"| {k} | {v['s_d']:+.3f} | {v['auroc']:.3f} | {v['accuracy']:.3f} | {v['gap_recovered']:+.2f} |"
+               for k, v in sorted(rd["signals"].items(), key=lambda kv: -kv[1]["accuracy"])]
+        md.append("")
     code_ok = [r for r in rows if "code_ok" in r]
     if code_ok:
         md += [f"Root code ran without error in {100 * sum(r['code_ok'] for r in code_ok) / len(code_ok):.0f}% of cells "

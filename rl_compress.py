@@ -298,22 +298,30 @@ def task_batch(a, model, tok, step, lam):
 
 
 def rl_loss(a, model, ref, seqs, n_seq, n_tok):
-    """GRPO loss of this rank's sequences (normalised by the global counts), backpropagated."""
+    """GRPO loss of this rank's sequences (normalised by the global counts), backpropagated
+    `--micro-batch` sequences at a time (the normalisers are global, so the gradient is the same)."""
     import lm
-    p_ids, comps, old_lps, adv = (list(x) for x in zip(*seqs))
-    old = torch.nn.utils.rnn.pad_sequence([torch.tensor(x) for x in old_lps], batch_first=True)
-    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(c)) for c in comps], batch_first=True)
-    ref_lp = None
-    if ref is not None:
-        with torch.no_grad():
-            ref_lp = torch.nn.utils.rnn.pad_sequence(lm.token_logprobs(ref, p_ids, comps), batch_first=True)
     model.train()
-    new = torch.nn.utils.rnn.pad_sequence(lm.token_logprobs(model, p_ids, comps), batch_first=True)
-    loss, st = grpo_loss(new, old, torch.tensor(adv), mask, norm=a.norm, clip_low=a.clip_low, clip_high=a.clip_high,
-                         ref_logprobs_BT=ref_lp, kl=a.kl, kl_coef=a.kl_coef, max_len=a.relay_tokens,
-                         num_seqs=n_seq, num_tokens=n_tok)
-    loss.backward()
-    return loss, st
+    mb = a.micro_batch or len(seqs)
+    total, stats = torch.zeros(()), []
+    for k in range(0, len(seqs), mb):
+        p_ids, comps, old_lps, adv = (list(x) for x in zip(*seqs[k:k + mb]))
+        old = torch.nn.utils.rnn.pad_sequence([torch.tensor(x) for x in old_lps], batch_first=True)
+        mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(c)) for c in comps], batch_first=True)
+        ref_lp = None
+        if ref is not None:
+            with torch.no_grad():
+                ref_lp = torch.nn.utils.rnn.pad_sequence(lm.token_logprobs(ref, p_ids, comps), batch_first=True)
+        new = torch.nn.utils.rnn.pad_sequence(lm.token_logprobs(model, p_ids, comps), batch_first=True)
+        loss, st = grpo_loss(new, old, torch.tensor(adv), mask, norm=a.norm, clip_low=a.clip_low, clip_high=a.clip_high,
+                             ref_logprobs_BT=ref_lp, kl=a.kl, kl_coef=a.kl_coef, max_len=a.relay_tokens,
+                             num_seqs=n_seq, num_tokens=n_tok)
+        loss.backward()
+        total = total + loss.detach()
+        stats.append((float(mask.sum()), st))
+    # token-weighted means of the per-token statistics
+    n = sum(w for w, _ in stats)
+    return total, {key: sum(w * st[key] for w, st in stats) / max(n, 1.0) for key in stats[0][1]}
 
 
 def train_rl(args, name, pool, heldout, dev, out_dir, lam, reward):

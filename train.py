@@ -65,6 +65,9 @@ def build_parser():
     g.add_argument("--dtype", default="float32", help="float32 | bfloat16")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     g.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing for every trained model (less memory, ~30%% more compute)")
+    g.add_argument("--micro-batch", type=int, default=0,
+                   help="rows per forward/backward in every training step (0 = the whole batch); gradients "
+                        "accumulate and losses use the step's global token count, so the update is the same")
     g.add_argument("--quiet", action="store_true", help="no progress line")
     g.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="print two runs' main tables side by side")
 
@@ -335,7 +338,7 @@ def pretrain_model(args, role, tok, out_dir, steps, seed, heldout):
         probe = heldout[:48]
         distill.fit(model, data, steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                     weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=seed, state_path=state,
-                    prompt_weight=1.0, eval_every=max(1, steps // 4),
+                    micro_batch=args.micro_batch or None, prompt_weight=1.0, eval_every=max(1, steps // 4),
                     eval_fn=lambda m: {"relay_acc": relay_accuracy(m, tok, probe, args.relay_tokens)},
                     ckpt_every=args.ckpt_every, metrics=util.Metrics(out_dir.rstrip("/") + "_metrics.jsonl"),
                     name=f"pretrain {role}", quiet=args.quiet)

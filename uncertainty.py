@@ -265,17 +265,41 @@ def sub_confidence(call, signal):
 # ----------------------------------------------------------------------------------------------
 # Gatekeeper: fine-tune the worker so its confidence separates its right and wrong relays
 
-def relay_confidences(model, tok, pairs, signal, relay_tokens):
-    """Greedy relays of `model` on (prompt, ideal) pairs -> (confidence, correct) arrays."""
+def relay_signals(model, tok, pairs, relay_tokens):
+    """Greedy relays of `model` on (prompt, ideal) pairs -> (one signals() dict per relay, correct array)."""
     import lm
     ids = [tok.chat([{"role": "user", "content": p}]) for p, _ in pairs]
-    conf, correct = [], []
+    sigs, correct = [], []
     for i in range(0, len(ids), 64):
         ro = lm.rollout(model, ids[i:i + 64], relay_tokens, temperature=0.0, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
         for t, lp, ent, (_, gold) in zip(ro.tokens, ro.logprobs, ro.entropies, pairs[i:i + 64]):
-            conf.append(confidence(signal, signals(lp, ent)))
+            sigs.append(signals(lp, ent))
             correct.append(float(tok.decode(t).strip() == gold))
-    return np.array(conf), np.array(correct)
+    return sigs, np.array(correct)
+
+
+def relay_confidences(model, tok, pairs, signal, relay_tokens):
+    """Greedy relays of `model` on (prompt, ideal) pairs -> (confidence, correct) arrays."""
+    sigs, correct = relay_signals(model, tok, pairs, relay_tokens)
+    return np.array([confidence(signal, d) for d in sigs]), correct
+
+
+def deferral_table(sigs, correct_small, correct_large, signal_names, rate):
+    """Per signal, and for random deferral: s_d, AUROC and the relay accuracy when the `rate`
+    least confident relays go to the supervisor (random: its exact expectation), with the share of
+    the worker -> supervisor accuracy gap that recovers. The relay-level view of the cascade: it
+    ranks the signals even where end-to-end accuracy sits at the floor."""
+    s, l = np.asarray(correct_small, np.float64), np.asarray(correct_large, np.float64)
+    gap = l.mean() - s.mean()
+    frac = _deferred_counts(s.size, [rate])[0] / s.size
+    rows = {"random": {"s_d": 0.0, "auroc": 0.5, "accuracy": float((1 - frac) * s.mean() + frac * l.mean())}}
+    for name in signal_names:
+        conf = np.array([confidence(name, d) for d in sigs])
+        acc = float(deferral_curve(conf, s, l, [rate])[1][0])
+        rows[name] = {"s_d": float(deferral_performance(conf, s, l)), "auroc": float(auroc(conf, s)), "accuracy": acc}
+    for r in rows.values():
+        r["gap_recovered"] = float((r["accuracy"] - s.mean()) / gap) if abs(gap) > 1e-12 else float("nan")
+    return {"rate": float(frac), "worker_acc": float(s.mean()), "supervisor_acc": float(l.mean()), "signals": rows}
 
 
 def deferral_report(conf, correct_small, correct_large):
@@ -284,7 +308,7 @@ def deferral_report(conf, correct_small, correct_large):
             "s_o": float(distribution_overlap(conf, correct_small))}
 
 
-def train_gatekeeper(model, examples, alpha, steps, batch_size, lr, seed, grad_clip=1.0):
+def train_gatekeeper(model, examples, alpha, steps, batch_size, lr, seed, grad_clip=1.0, micro_batch=0):
     import distill
     opt = distill.make_optimizer(model, lr, 0.0)
     dev = next(model.parameters()).device
@@ -292,12 +316,13 @@ def train_gatekeeper(model, examples, alpha, steps, batch_size, lr, seed, grad_c
         rng = random.Random(seed * 1_000_003 + step)
         batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
         mine = dist.shard(batch)  # under torchrun: this rank's rows, weighted by its share of tokens
-        if mine:
-            ids_BT, attn_BT, tmask_BT = distill.pad_examples(mine, 0)
+        model.train()
+        for k in range(0, len(mine), micro_batch or len(mine) or 1):   # gradient accumulation
+            part = mine[k:k + (micro_batch or len(mine))]
+            ids_BT, attn_BT, tmask_BT = distill.pad_examples(part, 0)
             labels_BT = ids_BT.masked_fill(tmask_BT == 0, -100)
-            model.train()
             logits_BTV = model(input_ids=ids_BT.to(dev), attention_mask=attn_BT.to(dev)).logits
-            share = sum(len(c) for _, c in mine) / sum(len(c) for _, c in batch)
+            share = sum(len(c) for _, c in part) / sum(len(c) for _, c in batch)
             loss = gatekeeper_loss(logits_BTV[:, :-1], labels_BT[:, 1:].to(dev), alpha) * share
             loss.backward()
         for g in opt.param_groups:
@@ -330,7 +355,8 @@ def stage_gatekeeper(args):
     examples = train.encode_examples(tok, [(p, tasks.ideal_relay(p)) for p in prompts], base.config.max_position_embeddings)
     for alpha in [float(a) for a in args.gk_alphas.split(",")]:
         model = lm.load_model(wdir, args.device, args.dtype, grad_ckpt=args.grad_ckpt)[0]
-        train_gatekeeper(model, examples, alpha, args.gk_steps, args.sft_batch, args.gk_lr, args.seed, args.grad_clip)
+        train_gatekeeper(model, examples, alpha, args.gk_steps, args.sft_batch, args.gk_lr, args.seed, args.grad_clip,
+                         args.micro_batch)
         lm.save_checkpoint(os.path.join(d, f"alpha{alpha:g}"), model, tok, {"alpha": alpha, "steps": args.gk_steps})
         conf, small = relay_confidences(model, tok, heldout, args.gk_signal, args.relay_tokens)
         result["after"][f"{alpha:g}"] = deferral_report(conf, small, large)
@@ -374,6 +400,17 @@ def stage_cascade(args):
     groups = [g for g in rlm.eval_tasks(args) if g[0].meta["target_chars"] == args.long_chars]
     rates = [float(r) for r in args.cascade_rates.split(",")]
     sigs = [s.strip() for s in args.cascade_signals.split(",") if s.strip()]
+    # relay level first (held-out chunks, no RLM): which signal separates the worker's right and
+    # wrong relays, at the rate nearest 30%
+    import train
+    heldout = train.heldout_relays(args)
+    w, s = eps["worker_sub"], eps["sup_sub"]
+    sig_dicts, small = relay_signals(w.model, w.tok, heldout, args.relay_tokens)
+    _, large = relay_signals(s.model, s.tok, heldout, args.relay_tokens)
+    relay = deferral_table(sig_dicts, small, large, sigs, min(rates, key=lambda r: abs(r - 0.3)))
+    for name, r in relay["signals"].items():
+        print(f"[cascade] relay level, {name:>14}: s_d {r['s_d']:+.3f}  auroc {r['auroc']:.3f}  "
+              f"acc@{relay['rate']:.0%} {r['accuracy']:.3f}  gap recovered {r['gap_recovered']:+.2f}")
     rows, curves, points = [], {}, []
     for sig in sigs + ["random"]:
         for rate in rates:
@@ -405,7 +442,7 @@ def stage_cascade(args):
             points.append((m, sum(r["cost_usd"] for r in mine) / len(mine), sum(r["accuracy"] for r in mine) / len(mine)))
     fig = report.plot_points(points, os.path.join(d, "cascade.png"), curves=[(k, sorted(v)) for k, v in curves.items()])
     best = _recovery(rows, points, rates)
-    return {"rows": rows, "figures": [os.path.relpath(fig, args.out)], "recovery": best}
+    return {"rows": rows, "figures": [os.path.relpath(fig, args.out)], "recovery": best, "relay_deferral": relay}
 
 
 def _recovery(rows, points, rates):

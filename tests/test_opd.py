@@ -37,7 +37,7 @@ def pool():
 def args_(**kw):
     a = dict(opd_batch=3, opd_samples=2, relay_tokens=6, lmbda=1.0, seed=0, opd_steps=4, opd_lr=1e-2, grad_clip=1.0,
              opd_loss="sampled_rkl", beta=0.5, gate="none", gate_threshold=None, self_ema=0.0, lora_rank=0,
-             lora_alpha=32.0, lora_lr_mult=10.0)
+             lora_alpha=32.0, lora_lr_mult=10.0, micro_batch=0)
     a.update(kw)
     return argparse.Namespace(**a)
 
@@ -141,3 +141,23 @@ def test_byte_offsets_cover_the_decoded_text(toks):
     assert offs[0][0] == 0 and offs[-1] == (offs[-1][0], offs[-1][0])     # EOS is zero-width at the end
     assert all(a[1] == b[0] for a, b in zip(offs, offs[1:]))
     assert offs[-1][1] == len(tok.decode(ids).encode())
+
+
+@pytest.mark.parametrize("loss,xtok", [("sampled_rkl", False), ("jsd", False), ("forward_kl", False),
+                                       ("sampled_rkl", True)])
+def test_micro_batches_give_the_same_update(toks, loss, xtok, monkeypatch):
+    """--micro-batch only bounds memory: one step with 1 or 2 sequences per forward leaves the
+    student with the weights of one step over the whole batch. (Plain SGD, so that the weights
+    compare gradients: AdamW's first step is lr * sign(g), float noise on near-zero gradients.)"""
+    import distill
+    monkeypatch.setattr(distill, "make_optimizer", lambda model, lr, wd: torch.optim.SGD(model.parameters(), lr=lr))
+    stok, ttok = toks if xtok else (toks[0], toks[0])
+    weights, losses = [], []
+    for mb in (0, 1, 2):
+        student, teacher = model_for(stok, 0), model_for(ttok, 1, d=48)
+        run = opd.OPD(args_(opd_loss=loss, micro_batch=mb, lmbda=0.5), student, stok, teacher, ttok, pool())
+        losses.append(run.step(0)["loss"])
+        weights.append(torch.cat([p.detach().reshape(-1) for p in student.parameters()]))
+    for w, l in zip(weights[1:], losses[1:]):
+        assert l == pytest.approx(losses[0], rel=1e-5, abs=1e-7)
+        torch.testing.assert_close(w, weights[0], rtol=1e-5, atol=1e-6)

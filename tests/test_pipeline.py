@@ -32,6 +32,9 @@ def test_report_has_every_method_with_finite_numbers(smoke_run):
     assert rep["main"] and rep["config"]["preset"] == "smoke"
     md = open(os.path.join(smoke_run, "report.md")).read()
     assert "| rlm-cloud |" in md and "held-out relay accuracy" in md
+    rd = rep["stages"]["cascade"]["relay_deferral"]
+    assert set(rd["signals"]) == {"random", "mean_entropy", "first_entropy", "mean_logprob", "min_logprob"}
+    assert "relay-level deferral" in md
     for st in ("sft", "opd", "cascade"):
         for fig in rep["stages"][st]["figures"]:
             assert os.path.getsize(os.path.join(smoke_run, fig)) > 1000

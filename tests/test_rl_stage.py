@@ -53,3 +53,22 @@ def test_task_reward_trains_on_episode_subcalls(setup):
     assert stats["zero_var_frac"] < 1.0 and seqs
     for p_ids, comp, old_lp, adv in seqs:
         assert len(comp) == len(old_lp)
+
+
+@pytest.mark.parametrize("norm", ["token", "seq", "const"])
+def test_rl_loss_micro_batches_give_the_full_batch_gradient(setup, norm):
+    a, tok, worker, sup, pool = setup
+    seqs, _ = rl_compress.sample_batch(a, worker, tok, pool, rl_compress.Rewarder(sup, tok), "answer", 0, lam=0.1)
+    n_seq, n_tok = float(len(seqs)), float(sum(len(s[1]) for s in seqs))
+    grads, losses = [], []
+    for mb in (0, 1, 4):
+        model = __import__("copy").deepcopy(worker)
+        b = argparse.Namespace(micro_batch=mb, norm=norm, clip_low=0.2, clip_high=0.28, kl="k3", kl_coef=0.1,
+                               relay_tokens=a.relay_tokens)
+        loss, st = rl_compress.rl_loss(b, model, worker, seqs, n_seq, n_tok)
+        losses.append(float(loss))
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]))
+        assert 0.0 <= st["clip_frac"] <= 1.0
+    for g, l in zip(grads[1:], losses[1:]):
+        assert l == pytest.approx(losses[0], rel=1e-5, abs=1e-7)
+        torch.testing.assert_close(g, grads[0], rtol=1e-4, atol=1e-6)

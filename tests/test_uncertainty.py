@@ -338,3 +338,52 @@ def test_gatekeeper_ignores_minus_100():
     assert U.gatekeeper_loss(other, labels, 0.5).item() == pytest.approx(loss.item(), abs=1e-12)
     none = torch.full_like(labels, -100)
     assert U.gatekeeper_loss(logits, none, 0.5).item() == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_deferral_table_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n, rate = 37, 0.3
+    sigs = [U.signals(-rng.random(3), rng.random(3)) for _ in range(n)]
+    small = (rng.random(n) < 0.4).astype(float)
+    large = (rng.random(n) < 0.7).astype(float)
+    table = U.deferral_table(sigs, small, large, ["mean_logprob", "first_entropy"], rate)
+    k = int(np.rint(rate * n))
+    for name in ("mean_logprob", "first_entropy"):
+        conf = [U.confidence(name, d) for d in sigs]
+        deferred = sorted(range(n), key=lambda i: (conf[i], i))[:k]   # least confident first, stable
+        acc = sum(large[i] if i in deferred else small[i] for i in range(n)) / n
+        row = table["signals"][name]
+        assert row["accuracy"] == pytest.approx(acc, abs=1e-12)
+        assert row["auroc"] == pytest.approx(U.auroc(conf, small))
+        gap = large.mean() - small.mean()
+        assert row["gap_recovered"] == pytest.approx((acc - small.mean()) / gap)
+    rnd = table["signals"]["random"]
+    assert rnd["accuracy"] == pytest.approx((1 - k / n) * small.mean() + k / n * large.mean())
+    assert table["rate"] == pytest.approx(k / n)
+
+
+def test_deferral_table_no_gap_is_nan():
+    sigs = [U.signals([-0.1], [0.2]) for _ in range(4)]
+    same = np.array([1.0, 0.0, 1.0, 0.0])
+    table = U.deferral_table(sigs, same, same, ["mean_logprob"], 0.5)
+    assert np.isnan(table["signals"]["mean_logprob"]["gap_recovered"])
+
+
+def test_train_gatekeeper_micro_batches_give_the_same_weights(monkeypatch):
+    import distill
+    import lm
+    # plain SGD: AdamW's first step is lr * sign(g), which turns float noise in near-zero
+    # gradients into lr-sized weight differences; SGD compares the gradients themselves
+    monkeypatch.setattr(distill, "make_optimizer", lambda model, lr, wd: torch.optim.SGD(model.parameters(), lr=lr))
+    cfg = lm.ModelConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32, max_seq_len=64)
+    g = torch.Generator().manual_seed(0)
+    examples = [(torch.randint(1, 50, (int(n),), generator=g).tolist(), torch.randint(1, 50, (int(m),), generator=g).tolist())
+                for n, m in zip(torch.randint(3, 9, (12,), generator=g), torch.randint(1, 6, (12,), generator=g))]
+    weights = []
+    for mb in (0, 1, 3):
+        model = lm.build_model(cfg, seed=0)
+        U.train_gatekeeper(model, examples, 0.5, steps=2, batch_size=6, lr=1e-2, seed=0, micro_batch=mb)
+        weights.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    for w in weights[1:]:
+        torch.testing.assert_close(w, weights[0], rtol=1e-5, atol=1e-6)
