@@ -368,9 +368,10 @@ def completion_nll(model, ids_BT, attn_BT, tmask_BT, num_tokens=None, chunk_toke
     """Weighted NLL of the target tokens / num_tokens (a global count under gradient accumulation).
     The lm_head runs only at the M positions with a non-zero weight, in chunks that are recomputed
     in backward, so a 150k vocabulary never makes [batch, length, vocab] float32 logits."""
+    import lm
     dev = next(model.parameters()).device
     ids_BT, attn_BT, tmask_BT = ids_BT.to(dev), attn_BT.to(dev), tmask_BT.to(dev)
-    hidden_BTD = model.model(input_ids=ids_BT, attention_mask=attn_BT, use_cache=False).last_hidden_state
+    hidden_BTD = lm.hidden_states(model, ids_BT, attn_BT)
     sel_BT = tmask_BT[:, 1:] > 0                      # position t predicts token t + 1
     hidden_MD, tgt_M, w_M = hidden_BTD[:, :-1][sel_BT], ids_BT[:, 1:][sel_BT], tmask_BT[:, 1:][sel_BT]
 
@@ -425,14 +426,14 @@ def fit(model, examples, *, steps, batch_size, lr, warmup=20, weight_decay=0.1, 
     start = 0
     if state_path and os.path.exists(state_path):
         st = torch.load(state_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
+        dist.load_full_state(model, opt, st["model"], st["opt"])
         start = st["step"]
         if metrics:
             metrics.truncate_after(start - 1)
     elif metrics and eval_fn and eval_every:
         model.eval()
-        metrics.log(step=0, **eval_fn(model))
+        with dist.gathered(model):
+            metrics.log(step=0, **eval_fn(model))
     micro = micro_batch or batch_size
     dist.broadcast_params(model)
     prog = util.Progress(name, steps, quiet=quiet)
@@ -445,24 +446,30 @@ def fit(model, examples, *, steps, batch_size, lr, warmup=20, weight_decay=0.1, 
             g["lr"] = util.cosine_lr(step, steps, lr, warmup)
         n_tok = sum(len(c) + prompt_weight * (len(p) - 1) for p, c in batch)
         total = 0.0
-        for mb in micro_batches(dist.shard(batch), micro, max_batch_tokens):
-            loss = completion_nll(model, *pad_examples(mb, pad_id, prompt_weight), num_tokens=n_tok)
+        mbs = micro_batches(dist.shard(batch), micro, max_batch_tokens)
+        for k in range(dist.n_micro(len(mbs), model)):   # a sharded model: every rank the same count
+            if k == len(mbs):
+                dist.zero_pass(model)
+                continue
+            loss = completion_nll(model, *pad_examples(mbs[k], pad_id, prompt_weight), num_tokens=n_tok)
             loss.backward()
             total += loss.item()
         dist.sync_grads(model.parameters())
         total = dist.all_sum(total)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        gnorm = dist.local(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
         opt.step()
         opt.zero_grad(set_to_none=True)
         if metrics:
             metrics.log(step=step + 1, loss=total, lr=opt.param_groups[0]["lr"], grad_norm=float(gnorm))
         if eval_fn and eval_every and (step + 1) % eval_every == 0:
             model.eval()
-            ev = eval_fn(model)
+            with dist.gathered(model):
+                ev = eval_fn(model)
             if metrics:
                 metrics.log(step=step + 1, **ev)
         if state_path and (step + 1) % ckpt_every == 0 and step + 1 < steps:
-            util.atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, state_path)
+            model_sd, opt_sd = dist.full_state(model, opt)
+            util.atomic_torch_save({"model": model_sd, "opt": opt_sd, "step": step + 1}, state_path)
         prog.update(step + 1, loss=total)
     prog.close()
     model.eval()
@@ -545,6 +552,8 @@ def stage_sft(args):
         vd = os.path.join(d, variant)
         model, tok = lm.load_model(args.worker or os.path.join(args.out, "pretrain", "worker"), args.device, args.dtype,
                                    grad_ckpt=args.grad_ckpt)
+        if args.fsdp:
+            dist.fsdp_wrap(model)
         if os.path.exists(os.path.join(vd, "worker", "meta.json")):
             model, tok = lm.load_model(os.path.join(vd, "worker"), args.device, args.dtype)
         else:
@@ -560,6 +569,7 @@ def stage_sft(args):
             util.write_jsonl(metrics.path, [dict(r, flops=per_step * r["step"]) for r in util.read_jsonl(metrics.path)])
             lm.save_checkpoint(os.path.join(vd, "worker"), model, tok, {"variant": variant, "steps": args.sft_steps})
             util.remove(os.path.join(vd, "state.pt"))
+            model, tok = lm.load_model(os.path.join(vd, "worker"), args.device, args.dtype)  # plain, for eval
         rows += rlm.eval_worker(args, model, tok, f"rlm-edge+{variant}", extra={"train_examples": len(targets)})
         curves.append((variant, util.read_jsonl(os.path.join(vd, "metrics.jsonl"))))
     fig = os.path.join(d, "sft_curves.png")

@@ -273,6 +273,12 @@ def save_checkpoint(path: str, model, tokenizer: Tokenizer, meta: dict) -> None:
     The result also loads with plain transformers.AutoModelForCausalLM.from_pretrained(path).
     """
     import dist
+    if dist.fsdp_modules(model):  # sharded: gather the full weights (all ranks) into a plain copy
+        sd, _ = dist.full_state(model)
+        if dist.is_main():
+            plain = AutoModelForCausalLM.from_config(model.config)
+            plain.load_state_dict(sd)
+            model = plain
     if dist.is_main():  # under torchrun only rank 0 writes; the others wait, since they may load it next
         _write_checkpoint(path, model, tokenizer, meta)
     dist.barrier()
@@ -545,6 +551,15 @@ def rollout(model, prompt_ids: list[list[int]], max_new_tokens: int, *, temperat
     return res
 
 
+def hidden_states(model, ids_BT, mask_BT):
+    """The trunk's last hidden states [B, T, D] (after the final norm); callers apply the lm_head
+    in chunks. A model sharded by dist.fsdp_wrap goes through its registered FSDP forward method,
+    so that its root weights are gathered."""
+    if hasattr(model, "fsdp_hidden"):
+        return model.fsdp_hidden(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False)
+    return model.model(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False).last_hidden_state
+
+
 def token_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],
                    chunk_tokens: int | None = None, temperature: float = 1.0,
                    return_full: bool = False, return_entropy: bool = False):
@@ -564,7 +579,7 @@ def token_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list
     S = max(len(s) for s in seqs)
     ids_BS = torch.tensor([s + [0] * (S - len(s)) for s in seqs], device=param.device)  # right padding
     mask_BS = torch.tensor([[1] * len(s) + [0] * (S - len(s)) for s in seqs], device=param.device)
-    hidden_BSD = model.model(input_ids=ids_BS, attention_mask=mask_BS, use_cache=False).last_hidden_state
+    hidden_BSD = hidden_states(model, ids_BS, mask_BS)
     # hidden state at position j predicts token j+1: completion token i of row b is predicted at len(p)+i-1
     rows_M = torch.tensor([b for b, c in enumerate(completion_ids) for _ in c], dtype=torch.long)
     cols_M = torch.tensor([len(p) - 1 + i for p, c in zip(prompt_ids, completion_ids) for i in range(len(c))],

@@ -220,10 +220,11 @@ class OPD:
         # 1. sequences: G samples of each on-policy prompt, the supervisor's relay for the others
         seqs = []
         on_idx = [i for i in mine if on[i]]
-        if on_idx:
+        with dist.gathered(self.student):   # collective when sharded: every rank enters
             ro = lm.rollout(self.student, [s_prompts[i] for i in on_idx], a.relay_tokens, temperature=1.0,
                             eos_token_id=self.stok.eos_id, pad_token_id=self.stok.pad_id,
-                            num_samples=a.opd_samples, seed=(a.seed * 7919 + step) * dist.world() + dist.rank())
+                            num_samples=a.opd_samples, seed=(a.seed * 7919 + step) * dist.world() + dist.rank()) if on_idx else None
+        if on_idx:
             for k, toks in enumerate(ro.tokens):
                 i = on_idx[k // a.opd_samples]
                 seqs.append({"i": i, "comp": list(toks), "lp": list(ro.logprobs[k]), "ent": list(ro.entropies[k])})
@@ -273,6 +274,8 @@ class OPD:
             return {"loss": 0.0, "kept": 0}
         if not seqs:  # nothing here this step, but the other ranks' gradients still arrive
             self.student.zero_grad(set_to_none=True)
+            for _ in range(dist.n_micro(0, self.student)):   # a sharded student joins their passes
+                dist.zero_pass(self.student)
             return self._update(step, torch.zeros(()), 0, [], 0)
 
         # 4. student forward with grad and the loss, `--micro-batch` sequences at a time: every
@@ -282,7 +285,10 @@ class OPD:
         s_prompt_ids = [s_prompts[s["i"]] for s in seqs]
         mb = a.micro_batch or len(seqs)
         loss = torch.zeros(())
-        for k in range(0, len(seqs), mb):
+        for k in range(0, dist.n_micro(-(-len(seqs) // mb), self.student) * mb, mb):
+            if k >= len(seqs):          # a sharded student: this rank pads to the others' count
+                dist.zero_pass(self.student)
+                continue
             part = slice(k, k + mb)
             mb_loss = self._loss(seqs[part], s_prompt_ids[part], comps[part], t_in[part], t_out[part], t_lp[part],
                                  full, n_tok, n_seq)
@@ -412,15 +418,21 @@ def train_worker(args, name, init_dir, teacher_kind, pool, heldout, dev_groups, 
         sup, sup_tok = lm.load_model(a.supervisor or os.path.join(a.out, "pretrain", "supervisor"), a.device, a.dtype)
     metrics = util.Metrics(os.path.join(out_dir, "metrics.jsonl"))
     util.remove(metrics.path)            # a variant reruns from scratch; it is minutes on CPU
+    if a.fsdp:
+        if a.lora_rank > 0 or (teacher_kind == "self" and a.self_ema > 0):
+            raise util.UserError("--fsdp shards full fine-tuning only: drop --lora-rank / --self-ema, or drop --fsdp")
+        dist.fsdp_wrap(student)
     run = OPD(a, student, stok, teacher, ttok, pool, teacher_kind=teacher_kind)
-    metrics.log(step=0, **curve_point(a, student, stok, sup, sup_tok, heldout, dev_groups, run.counters))
+    with dist.gathered(student):
+        metrics.log(step=0, **curve_point(a, student, stok, sup, sup_tok, heldout, dev_groups, run.counters))
     prog = util.Progress(name, a.opd_steps, quiet=a.quiet)
     for step in range(a.opd_steps):
         out = run.step(step)
         metrics.log(step=step + 1, loss=out["loss"], kept=out["kept"], teacher_tokens=run.counters["teacher_tokens"],
                     flops=run.counters["flops"])
         if (step + 1) % a.eval_every == 0 or step + 1 == a.opd_steps:
-            metrics.log(step=step + 1, **curve_point(a, student, stok, sup, sup_tok, heldout, dev_groups, run.counters))
+            with dist.gathered(student):
+                metrics.log(step=step + 1, **curve_point(a, student, stok, sup, sup_tok, heldout, dev_groups, run.counters))
         prog.update(step + 1, loss=out["loss"])
     prog.close()
     if a.lora_rank > 0:

@@ -68,6 +68,8 @@ def build_parser():
     g.add_argument("--micro-batch", type=int, default=0,
                    help="rows per forward/backward in every training step (0 = the whole batch); gradients "
                         "accumulate and losses use the step's global token count, so the update is the same")
+    g.add_argument("--fsdp", action="store_true", help="under torchrun: shard the trained model with FSDP2 "
+                   "(pretrain, sft, opd) instead of replicating it (dist.py)")
     g.add_argument("--quiet", action="store_true", help="no progress line")
     g.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="print two runs' main tables side by side")
 
@@ -334,6 +336,8 @@ def pretrain_model(args, role, tok, out_dir, steps, seed, heldout):
     else:
         data = pretrain_data(args, tok, role, seed)
         model = lm.build_model(cfg, seed=seed)
+        if args.fsdp:
+            dist.fsdp_wrap(model)
         state = out_dir.rstrip("/") + "_state.pt"
         probe = heldout[:48]
         distill.fit(model, data, steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
@@ -344,6 +348,7 @@ def pretrain_model(args, role, tok, out_dir, steps, seed, heldout):
                     name=f"pretrain {role}", quiet=args.quiet)
         lm.save_checkpoint(out_dir, model, tok, {"role": role, "steps": steps, "config": dataclasses.asdict(cfg)})
         util.remove(state)
+        model, _ = lm.load_model(out_dir)  # plain weights (a sharded model is evaluated unsharded)
     acc = relay_accuracy(model, tok, heldout, args.relay_tokens)
     print(f"[pretrain] {role}: {lm.param_count(model) / 1e6:.2f}M params, held-out relay accuracy {acc:.3f}")
     return {"params": lm.param_count(model), "steps": steps, "relay_accuracy": acc}

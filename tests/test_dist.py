@@ -1,7 +1,8 @@
 """torchrun on CPU (gloo): two ranks must train exactly what one process trains on the same global
 batch. Deterministic stages are compared number for number (SFT, Gatekeeper, and OPD with
 lmbda 0, whose sequences are the supervisor's greedy relays); the sampling stages (on-policy OPD,
-RL) must finish under two ranks with finite numbers and a single writer."""
+RL) must finish under two ranks with finite numbers and a single writer. `--fsdp` (the worker
+sharded with FSDP2) must train SFT and off-policy OPD exactly as one process does too."""
 import json
 import math
 import os
@@ -45,28 +46,45 @@ def two_runs(smoke_run, tmp_path_factory):
     """The same SFT and off-policy OPD, once in one process and once with two ranks."""
     base = tmp_path_factory.mktemp("dist")
     out = {}
-    for n in (1, 2):
+    for n in (1, 2, "fsdp"):
         d = str(base / f"n{n}")
         _copy(smoke_run, d, ["pretrain", "collect"])
         common = ["--preset", "smoke", "--out", d, "--quiet", "--threads", "1", "--sft-batch", "6", "--sft-steps", "4"]
-        _run(common + ["--stage", "sft"], nproc=n)
+        nproc = 2 if n == "fsdp" else n
+        common += ["--fsdp"] if n == "fsdp" else []
+        _run(common + ["--stage", "sft"], nproc=nproc)
         _run(common + ["--stage", "opd", "--opd-variants", "opd", "--lmbda", "0", "--opd-steps", "3", "--opd-batch", "5"],
-             nproc=n)
-        _run(common + ["--stage", "gatekeeper", "--gk-steps", "3", "--gk-alphas", "0.5"], nproc=n)
+             nproc=nproc)
+        if n != "fsdp":
+            _run(common + ["--stage", "gatekeeper", "--gk-steps", "3", "--gk-alphas", "0.5"], nproc=n)
         out[n] = d
     return out
 
 
+@pytest.mark.parametrize("n", [2, "fsdp"])
 @pytest.mark.parametrize("stage,variant", [("sft", "sft"), ("opd", "opd")])
-def test_two_ranks_train_what_one_process_trains(two_runs, stage, variant):
-    one, two = (_steps(os.path.join(two_runs[n], stage, variant, "metrics.jsonl")) for n in (1, 2))
+def test_two_ranks_train_what_one_process_trains(two_runs, stage, variant, n):
+    """Replicated (DDP-style) and sharded (FSDP2) training both equal one process."""
+    one, two = (_steps(os.path.join(two_runs[k], stage, variant, "metrics.jsonl")) for k in (1, n))
     assert len(one) == len(two) > 0
     for a, b in zip(one, two):
         assert math.isfinite(a["loss"]) and a["loss"] != 0
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6), (stage, a, b)
-    w1, w2 = (_weights(os.path.join(two_runs[n], stage, variant, "worker")) for n in (1, 2))
+    w1, w2 = (_weights(os.path.join(two_runs[k], stage, variant, "worker")) for k in (1, n))
+    assert set(w1) == set(w2)
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_on_policy_opd_with_unequal_micro_batches_finishes(two_runs):
+    """Each rank samples its own relays, so ranks hold different numbers of sequences: with one
+    sequence per micro-batch their forward counts differ, and the sharded student must pad them
+    (dist.n_micro / zero_pass) or the collectives would deadlock."""
+    d = two_runs["fsdp"]
+    _run(["--preset", "smoke", "--out", d, "--quiet", "--threads", "1", "--stage", "opd", "--force", "opd", "--fsdp",
+          "--opd-variants", "opd-gated", "--opd-steps", "2", "--micro-batch", "1"], nproc=2)
+    rows = [json.loads(x) for x in open(os.path.join(d, "opd", "opd-gated", "metrics.jsonl"))]
+    assert rows and all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
 
 
 def test_two_ranks_train_the_same_gatekeeper(two_runs):
