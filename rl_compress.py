@@ -330,6 +330,8 @@ def train_rl(args, name, pool, heldout, dev, out_dir, lam, reward):
     import opd
     import train
     a = args
+    if a.fsdp and util.is_main():
+        print("[rl] --fsdp covers pretrain, sft and opd; the RL worker is replicated on every rank")
     model, tok = lm.load_model(a.worker or os.path.join(a.out, "pretrain", "worker"), a.device, a.dtype, grad_ckpt=a.grad_ckpt)
     sup, sup_tok = lm.load_model(a.supervisor or os.path.join(a.out, "pretrain", "supervisor"), a.device, a.dtype)
     sup.eval().requires_grad_(False)

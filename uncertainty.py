@@ -353,6 +353,8 @@ def stage_gatekeeper(args):
               "after": {}}
     # the worker's own sub-call prompts, labelled with the gold relay of each chunk
     examples = train.encode_examples(tok, [(p, tasks.ideal_relay(p)) for p in prompts], base.config.max_position_embeddings)
+    if args.fsdp and util.is_main():
+        print("[gatekeeper] --fsdp covers pretrain, sft and opd; the Gatekeeper worker is replicated on every rank")
     for alpha in [float(a) for a in args.gk_alphas.split(",")]:
         model = lm.load_model(wdir, args.device, args.dtype, grad_ckpt=args.grad_ckpt)[0]
         train_gatekeeper(model, examples, alpha, args.gk_steps, args.sft_batch, args.gk_lr, args.seed, args.grad_clip,
