@@ -523,6 +523,11 @@ def stage_opd(args):
             reach = steps_to_reach(curves["opd"], "relay_acc", target)
             result["efficiency"] = {"sft_final_relay_acc": target, "sft_steps": sft_steps, "opd_steps_to_reach": reach,
                                     "ratio": (sft_steps / reach) if reach else None}
+            if reach == 0:      # the ratio would divide by zero: say why instead of printing inf
+                result["efficiency"]["note"] = ("undefined: the worker OPD starts from already reaches SFT's final "
+                                                "accuracy (SFT did not improve on its start)")
+            elif reach is None:
+                result["efficiency"]["note"] = "undefined: OPD never reached SFT's final accuracy"
     rl_path = os.path.join(args.out, "rl", "rl-correct", "metrics.jsonl")
     if os.path.exists(rl_path):      # GRPO with a correctness reward: the RL baseline of the comparison
         series.append(("grpo-correct", util.read_jsonl(rl_path)))
