@@ -92,6 +92,9 @@ def build_parser():
     g.add_argument("--relay-questions", type=int, default=8, help="sub-questions per chunk in a pretraining example")
     g.add_argument("--min-chunk-lines", type=int, default=4, help="shortest chunk in pretraining (longest: lines per chunk + 2)")
     g.add_argument("--ckpt-every", type=int, default=100)
+    g.add_argument("--pretrain-from", default=None, metavar="RUN_DIR",
+                   help="warm restart: continue RUN_DIR/pretrain's two models (and tokenizer) for --sup-steps / "
+                        "--worker-steps more steps, with a fresh warmup + cosine and new data")
 
     g = p.add_argument_group("tasks and eval")
     g.add_argument("--short-chars", type=int, default=None, help="context that fits the supervisor's window")
@@ -326,8 +329,9 @@ def pretrain_data(args, tok, role, seed):
     return data
 
 
-def pretrain_model(args, role, tok, out_dir, steps, seed, heldout):
-    """Train one tiny model from scratch (resumable), save it, and measure held-out relay accuracy."""
+def pretrain_model(args, role, tok, out_dir, steps, seed, heldout, init=None):
+    """Train one tiny model from scratch, or from the checkpoint `init` (resumable), save it, and
+    measure held-out relay accuracy."""
     import distill
     import lm
     cfg = dataclasses.replace(lm.MODEL_PRESETS[args.preset][role], vocab_size=tok.vocab_size)
@@ -335,7 +339,7 @@ def pretrain_model(args, role, tok, out_dir, steps, seed, heldout):
         model, _ = lm.load_model(out_dir)
     else:
         data = pretrain_data(args, tok, role, seed)
-        model = lm.build_model(cfg, seed=seed)
+        model = lm.load_model(init)[0] if init else lm.build_model(cfg, seed=seed)
         if args.fsdp:
             dist.fsdp_wrap(model)
         state = out_dir.rstrip("/") + "_state.pt"
@@ -360,13 +364,27 @@ def heldout_relays(args):
 
 
 def stage_pretrain(args):
+    import lm
     d = stage_dir(args, "pretrain")
     util.seed_everything(args.seed)
-    tok = build_tokenizer(args, args.vocab_size, os.path.join(d, "tokenizer"))
+    src = os.path.join(args.pretrain_from, "pretrain") if args.pretrain_from else None
+    if src and not os.path.exists(os.path.join(src, "worker", "meta.json")):
+        raise UserError(f"--pretrain-from {args.pretrain_from}: no pretrained models there; run `python train.py "
+                        f"--out {args.pretrain_from} --stage pretrain` first")
+    tok = lm.Tokenizer.load(os.path.join(src, "tokenizer")) if src else \
+        build_tokenizer(args, args.vocab_size, os.path.join(d, "tokenizer"))
+    if src:
+        tok.save(os.path.join(d, "tokenizer"))
     heldout = heldout_relays(args)
-    result = {"tokenizer": {"vocab_size": tok.vocab_size}, "models": {}}
+    result = {"tokenizer": {"vocab_size": tok.vocab_size}, "models": {}, "from": args.pretrain_from}
+    # a warm restart draws new data (seed + 100): the same seed would replay the first run's batches
+    shift = 100 if src else 0
     for role, steps, seed in (("supervisor", args.sup_steps, args.seed), ("worker", args.worker_steps, args.seed + 1)):
-        result["models"][role] = pretrain_model(args, role, tok, os.path.join(d, role), steps, seed, heldout)
+        init = os.path.join(src, role) if src else None
+        result["models"][role] = pretrain_model(args, role, tok, os.path.join(d, role), steps, seed + shift, heldout, init)
+        if src:
+            prev = util.read_json(os.path.join(src, "result.json"))["models"][role]
+            result["models"][role]["steps"] += prev["steps"]
     return result
 
 

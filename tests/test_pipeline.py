@@ -82,3 +82,18 @@ def test_fit_resumes_exactly(tmp_path):
     resumed = distill.fit(lm.build_model(cfg, seed=1), data, steps=6, state_path=state, ckpt_every=3, **kw)
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_pretrain_from_continues_the_models_of_another_run(smoke_run, tmp_path):
+    from safetensors.torch import load_file
+    out = str(tmp_path / "warm")
+    assert train.main(["--preset", "smoke", "--out", out, "--quiet", "--threads", "1", "--stage", "pretrain",
+                       "--pretrain-from", smoke_run, "--sup-steps", "2", "--worker-steps", "2"]) == 0
+    res = json.load(open(os.path.join(out, "pretrain", "result.json")))
+    src = json.load(open(os.path.join(smoke_run, "pretrain", "result.json")))
+    for role in ("supervisor", "worker"):
+        assert res["models"][role]["steps"] == src["models"][role]["steps"] + 2
+        a, b = (load_file(os.path.join(d, "pretrain", role, "model.safetensors")) for d in (smoke_run, out))
+        assert set(a) == set(b) and any(not torch.equal(a[k], b[k]) for k in a)   # trained on, same shapes
+    assert open(os.path.join(out, "pretrain", "tokenizer", "tokenizer_tiktoken.json")).read() == \
+        open(os.path.join(smoke_run, "pretrain", "tokenizer", "tokenizer_tiktoken.json")).read()
