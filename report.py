@@ -102,6 +102,14 @@ def write(out, config):
         md += ["## Pretrained models", "", "| model | params | steps | held-out relay accuracy |", "|---|---|---|---|"]
         md += [f"| {k} | {v['params'] / 1e6:.2f}M | {v['steps']} | {v['relay_accuracy']:.3f} |" for k, v in pre.items()]
         md.append("")
+    md += teaching_table(out, extras)
+    gk = extras.get("gatekeeper")
+    if gk and "before" in gk:
+        md += [f"## Gatekeeper (held-out chunks, confidence = {gk['signal']}, supervisor {gk['supervisor_acc']:.3f})", "",
+               "| worker | relay accuracy | AUROC | s_d | ECE |", "|---|---|---|---|---|"]
+        for name, r in [("pretrained", gk["before"])] + [(f"alpha {a}", r) for a, r in gk["after"].items()]:
+            md.append(f"| {name} | {r['worker_acc']:.3f} | {r['auroc']:.3f} | {r['s_d']:+.3f} | {r['ece']:.3f} |")
+        md.append("")
     rd = extras.get("cascade", {}).get("relay_deferral")
     if rd:
         md += [f"## When to escalate: relay-level deferral (held-out chunks; worker {rd['worker_acc']:.3f}, "
@@ -119,6 +127,36 @@ def write(out, config):
     md += ["", "## All rows", "", render_rows(rows) if rows else "(none)", ""]
     util.atomic_write_text(os.path.join(out, "report.md"), "\n".join(md))
     return table
+
+
+def teaching_table(out, extras):
+    """Held-out relay accuracy and sampled reverse KL to the supervisor at the first and last
+    evaluation of every trained worker (SFT, OPD, RL variants), with the teacher tokens OPD used:
+    the worker-level view of the study, read off each variant's metrics.jsonl."""
+    lines = []
+    for st in ("sft", "opd", "rl"):
+        d = os.path.join(out, st)
+        if st not in extras or not os.path.isdir(d):
+            continue
+        for v in sorted(os.listdir(d)):
+            path = os.path.join(d, v, "metrics.jsonl")
+            ev = [r for r in util.read_jsonl(path) if "relay_acc" in r] if os.path.exists(path) else []
+            if not ev:
+                continue
+            a, b = ev[0], ev[-1]
+            rkl = f"{a['heldout_rkl']:.2f} -> {b['heldout_rkl']:.2f}" if a.get("heldout_rkl") is not None and \
+                b.get("heldout_rkl") is not None else "-"
+            tt = extras[st].get("variants", {}).get(v, {}).get("teacher_tokens")
+            lines.append(f"| {st} | {v} | {b['step']} | {a['relay_acc']:.3f} -> {b['relay_acc']:.3f} | {rkl} | "
+                         f"{'-' if tt is None else f'{tt:,}'} |")
+    if not lines:
+        return []
+    eff = extras.get("opd", {}).get("efficiency")
+    tail = [f"OPD steps to reach SFT's final relay accuracy: {eff.get('opd_steps_to_reach')} vs SFT's "
+            f"{eff['sft_steps']} (ratio {_f(eff.get('ratio'), '.1f')}{'; ' + eff['note'] if eff.get('note') else ''}).", ""] if eff else []
+    return (["## Teaching the worker (held-out relay accuracy, first -> last evaluation)", "",
+             "| stage | variant | steps | relay accuracy | sampled reverse KL to supervisor | teacher tokens |",
+             "|---|---|---|---|---|---|"] + lines + [""] + tail)
 
 
 def summary_figures(out, rows, table):

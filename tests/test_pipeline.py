@@ -34,7 +34,8 @@ def test_report_has_every_method_with_finite_numbers(smoke_run):
     assert "| rlm-cloud |" in md and "held-out relay accuracy" in md
     rd = rep["stages"]["cascade"]["relay_deferral"]
     assert set(rd["signals"]) == {"random", "mean_entropy", "first_entropy", "mean_logprob", "min_logprob"}
-    assert "relay-level deferral" in md
+    assert "relay-level deferral" in md and "## Teaching the worker" in md and "## Gatekeeper" in md
+    assert "| opd | opd-self |" in md and "| sft | sft-gold |" in md
     for st in ("sft", "opd", "cascade"):
         for fig in rep["stages"][st]["figures"]:
             assert os.path.getsize(os.path.join(smoke_run, fig)) > 1000
