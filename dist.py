@@ -26,8 +26,9 @@ are summed, not averaged (divide factor 1), like `sync_grads`. Checkpoints gathe
 dict (`full_state`), so a sharded run saves the same files as an unsharded one.
 
 What it deliberately does not do: no pipeline or tensor parallelism, no overlap of the all-reduce
-with the backward pass in the replicated mode, no FSDP for LoRA adapters or a self-teacher copy of
-the student (both fail with a one-line message), no elastic restarts (a crashed rank ends the run;
+with the backward pass in the replicated mode, FSDP only where it is wired (pretrain, sft, opd; RL
+and the Gatekeeper stay replicated and say so), not with LoRA adapters or an EMA self-teacher
+(both refuse with a one-line message), no elastic restarts (a crashed rank ends the run;
 rerun the same command and it resumes from the last checkpoint).
 """
 import contextlib
