@@ -3,6 +3,7 @@ episode at a time, on the tiny preset's worker shape. JSON line last.
 
     python bench/rlm.py                       # random-init tiny worker, planner root
     python bench/rlm.py --run runs/tiny       # the pretrained tiny models (model root)
+    python bench/rlm.py --run runs/tiny-v4    # a directory holding supervisor/ and worker/
 
 The planner root keeps the measurement about the sub-call path (the part the RLM paper calls
 its main runtime cost: blocking sequential sub-calls); with `--run` the root is the model too.
@@ -24,7 +25,7 @@ import tasks  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run", default=None, help="run directory with pretrain/{supervisor,worker}")
+    ap.add_argument("--run", default=None, help="run directory with pretrain/{supervisor,worker} (or {supervisor,worker})")
     ap.add_argument("--episodes", type=int, default=16)
     ap.add_argument("--family", default="count")
     ap.add_argument("--chars", type=int, default=8_000)
@@ -32,8 +33,9 @@ def main():
     a = ap.parse_args()
     torch.manual_seed(0)
     if a.run:
-        sup, tok = lm.load_model(os.path.join(a.run, "pretrain", "supervisor"))
-        wrk, _ = lm.load_model(os.path.join(a.run, "pretrain", "worker"))
+        d = os.path.join(a.run, "pretrain") if os.path.isdir(os.path.join(a.run, "pretrain")) else a.run
+        sup, tok = lm.load_model(os.path.join(d, "supervisor"))
+        wrk, _ = lm.load_model(os.path.join(d, "worker"))
         root = rlm.Endpoint("supervisor", sup, tok, True, 256, window=1024)
     else:
         tok = lm.Tokenizer(enc=lm.train_bpe([t.context for t in tasks.generate_tasks(4, "count", 20_000)], 512))
