@@ -17,3 +17,21 @@ def test_train_step_bench_prints_a_json_line_last():
     for key in ("opd_rollout_tok_s", "opd_train_tok_s", "opd_teacher_tok_s", "rl_rollout_tok_s", "rl_train_tok_s"):
         assert last[key] > 0, key
     assert last["params"] > 0 and last["grad_ckpt"] is True
+
+
+def _induction(*extra):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "induction.py"), "--d-model", "32", "--layers", "2",
+                        "--vocab", "64", "--eval-every", "3", *extra],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_induction_bench_reports_steps_to_copy():
+    import math
+    out = _induction("--steps", "3")        # three steps of a random model: nothing copied yet
+    assert out["chance_nll"] == round(math.log(64 - 5), 3)
+    assert out["fixed_steps_to_copy"] is None and out["variable_steps_to_copy"] is None
+    assert abs(out["variable_final_nll"] - out["chance_nll"]) < 0.5
+    out = _induction("--steps", "3", "--threshold", "100")   # every NLL is below 100: reached at step 0
+    assert out["fixed_steps_to_copy"] == 0 and out["variable_steps_to_copy"] == 0
