@@ -14,16 +14,23 @@ list). `FINAL(x)` / `FINAL_VAR(name)` set `result.final`. Names follow the RLM p
 Protocol: 8-byte length + JSON over the child's stdin/stdout; the context is sent once per
 child. The parent serves sub-calls while the child blocks; that time is not the cell's.
 
+Children are forked, not started: the first REPL of a process starts a fork server (`repl.py
+--fork-server`, a clean `python -I -S` that imports the allowed modules once and never sees a
+context or model code), which forks each child in ~10 ms instead of ~0.1 s for a fresh
+interpreter (bench/repl.py). The server reaps its children, tells the parent their exit status,
+and exits, killing any left, when the parent's end of its socket closes (the parent died).
+
 Threat model: model-written code is untrusted. The process is the boundary; the Python layer
 is defence in depth (nanoGPT #717 escaped an in-process exec via sys._getframe).
 Covered:
-  1. A child `python -I -S` in its own session. On timeout, death or a protocol violation the
-     parent kills its process group, starts a fresh child and says that state was lost; `run`
-     returns within timeout_s + ~1 s. max_subcalls (per REPL lifetime) is enforced parent-side.
+  1. A child forked from the fork server, in its own session, holding only its three pipes
+     (not the server's socket). On timeout, death or a protocol violation the parent kills its
+     process group, starts a fresh child and says that state was lost; `run` returns within
+     timeout_s + ~1 s. max_subcalls (per REPL lifetime) is enforced parent-side.
   2. Before user code the child sets RLIMIT_AS (memory_mb above the loaded context), a CPU
      limit per cell, RLIMIT_FSIZE 0 (no writes), RLIMIT_NPROC 0 (no fork: a root child drops
      to uid/gid 65534, as root ignores NPROC), RLIMIT_NOFILE = fds in use (no files, no
-     sockets), no core files, PR_SET_NO_NEW_PRIVS and death with the parent. Empty environment,
+     sockets), no core files, PR_SET_NO_NEW_PRIVS and death with the fork server. Empty environment,
      a fresh empty cwd (deleted on close), and a network namespace without interfaces when
      unshare(CLONE_NEWNET) is permitted (`repl.netns`).
   3. Python: restricted builtins (no open/eval/exec/compile/input/getattr/setattr/vars/dir/
@@ -39,7 +46,10 @@ Not covered:
   - A CPython memory-safety bug reachable from pure Python gives native code in the child,
     bounded only by the rlimits, uid 65534 and the network namespace: no seccomp, no mount
     namespace (world-readable files, after closing an fd), no network isolation where unshare
-    fails. Without root the child keeps the parent's uid: NPROC and kill() are not contained.
+    fails. Without root the child keeps the parent's uid: NPROC and kill() are not contained
+    (it could kill the fork server, which the parent then restarts).
+  - Forked children start from the server's memory: the allowed modules' state (random is
+    reseeded in each child), nothing of other episodes.
   - Accounting is per process (RLIMIT_AS), not cgroups.
   - The parent's callables see child-written prompts (injection; cost up to max_subcalls).
 """
@@ -51,10 +61,12 @@ import os
 import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -132,19 +144,25 @@ class REPL:
         self.netns = None  # True once a child got a network namespace of its own
         self.tmpdir = tempfile.mkdtemp(prefix="repl-")
         self._max_msg = (memory_mb + 256) << 20  # a child cannot build a bigger message
-        self._proc, self.pid, self._closed = None, None, False  # pid: the current child's
+        self.pid, self._closed = None, False  # pid: the current child's
+        self._in = self._out = self._err = None
         self._start()
 
     def _start(self):
         init = _pack({"op": "init", "context": self.context, "memory_mb": self.memory_mb,
                       "timeout_s": self.timeout_s, "stdout_chars": self.stdout_chars})
-        p = self._proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", os.path.abspath(__file__), "--child"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=self.tmpdir, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-            start_new_session=True)  # own session and process group, which killpg takes down
-        self.pid, self._buf, self._err_tail = p.pid, bytearray(), b""
-        self._in, self._out, self._err = (f.fileno() for f in (p.stdin, p.stdout, p.stderr))
+        pipes = [os.pipe() for _ in range(3)]  # the child's stdin, stdout, stderr
+        try:
+            self.pid = _fork_server().spawn(self.tmpdir, [pipes[0][0], pipes[1][1], pipes[2][1]])
+        finally:
+            for fd in (pipes[0][0], pipes[1][1], pipes[2][1]):  # the child's ends
+                os.close(fd)
+        if self.pid is None:
+            for fd in (pipes[0][1], pipes[1][0], pipes[2][0]):
+                os.close(fd)
+            raise RuntimeError("the REPL child failed to start (the fork server is not answering)")
+        self._in, self._out, self._err = pipes[0][1], pipes[1][0], pipes[2][0]
+        self._buf, self._err_tail = bytearray(), b""
         for fd in (self._in, self._out, self._err):
             os.set_blocking(fd, False)
         try:
@@ -162,20 +180,21 @@ class REPL:
 
     def _kill(self):
         """Kill the child's process group and reap it; returns a description of how it ended."""
-        proc, self._proc, self.pid = self._proc, None, None
-        if proc is None:
+        pid, self.pid = self.pid, None
+        if pid is None:
             return "not running"
         with contextlib.suppress(OSError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
-        for f in (proc.stdin, proc.stdout, proc.stderr):
-            with contextlib.suppress(OSError):
-                f.close()
-        rc = proc.returncode
-        if rc is not None and rc < 0 and -rc in signal.valid_signals():
-            return signal.Signals(-rc).name  # SIGXCPU: CPU limit, SIGSEGV: crash, ...
-        return f"exit code {rc}"
+            os.killpg(pid, signal.SIGKILL)
+        status = _fork_server().reap(pid)
+        for fd in (self._in, self._out, self._err):
+            with contextlib.suppress(OSError, TypeError):
+                os.close(fd)
+        self._in = self._out = self._err = None
+        if status is None:
+            return "exit status unknown"
+        if os.WIFSIGNALED(status):
+            return signal.Signals(os.WTERMSIG(status)).name  # SIGXCPU: CPU limit, SIGSEGV: crash
+        return f"exit code {os.waitstatus_to_exitcode(status)}"
 
     def _pump(self, deadline, writing=False):
         """One poll round: buffer what the child wrote; True if its stdin is writable."""
@@ -199,6 +218,7 @@ class REPL:
             if fd == self._err:
                 self._err_tail = (self._err_tail + chunk)[-4096:]
                 if not chunk:
+                    os.close(fd)
                     self._err = None  # closed: stop watching it
             elif not chunk:
                 raise _ChildFailed("died")
@@ -261,7 +281,7 @@ class REPL:
             raise RuntimeError("REPL is closed")
         t0, res = time.monotonic(), REPLResult()
         try:
-            if self._proc is None:  # an earlier restart failed: try again
+            if self.pid is None:  # an earlier restart failed: try again
                 self._start()
             deadline = time.monotonic() + self.timeout_s
             self._send(_pack({"op": "run", "code": str(code)}), deadline)
@@ -314,6 +334,55 @@ class REPL:
     def __del__(self):
         with contextlib.suppress(Exception):
             self.close()
+
+
+class _ForkServer:
+    """A helper process that imports the sandbox's modules once and forks one REPL child per
+    request: a fork costs milliseconds where a fresh interpreter costs ~0.1 s, nearly all of it
+    imports. It runs no model code, never sees a context, reaps its children for the parent
+    (who gets their exit status) and exits when the parent's end of its socket closes."""
+    def __init__(self):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one message per send
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", os.path.abspath(__file__), "--fork-server", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd="/",
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, start_new_session=True)
+        theirs.close()
+        ours.settimeout(30)
+        self.sock, self.lock, self.owner = ours, threading.Lock(), os.getpid()
+
+    def _ask(self, msg, fds=()):
+        """One request and its reply (episode threads share the server); None if it failed."""
+        with self.lock:
+            try:
+                socket.send_fds(self.sock, [json.dumps(msg).encode()], fds)
+                reply = self.sock.recv(1 << 12)
+            except OSError:  # a timeout would desync later replies: retire this server
+                reply = b""
+            if not reply:
+                self.proc.kill()
+                return None
+        return json.loads(reply)
+
+    def spawn(self, cwd, fds):
+        """Fork a child whose stdin, stdout, stderr are `fds`, in `cwd`; its pid or None."""
+        return (self._ask({"op": "spawn", "cwd": cwd}, fds) or {}).get("pid")
+
+    def reap(self, pid):
+        """Wait (up to ~5 s) for a killed child; its wait status, or None if unknown."""
+        return (self._ask({"op": "reap", "pid": pid}) or {}).get("status")
+
+
+_server, _server_lock = None, threading.Lock()
+
+
+def _fork_server():
+    """This process's fork server, started on first use and again if it died or we forked."""
+    global _server
+    with _server_lock:
+        if _server is None or _server.owner != os.getpid() or _server.proc.poll() is not None:
+            _server = _ForkServer()
+        return _server
 
 
 # -----------------------------------------------------------------------------
@@ -587,8 +656,68 @@ def _child_main():
         _write(wf, box.run_cell(msg["code"]))
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["--child"]:
-    _child_main()
+def _fork_server_main(sock_fd):
+    """The fork server's loop: spawn and reap requests, one at a time, until the parent leaves."""
+    import importlib
+    for name in ALLOWED_MODULES + ("_strptime", "unicodedata", "ctypes", "resource", "warnings", "traceback"):
+        importlib.import_module(name)  # once here rather than once per child
+    sock, children = socket.socket(fileno=sock_fd), set()
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, 1 << 12, 3)
+        except OSError:
+            data = b""
+        if not data:  # the parent exited or retired us
+            break
+        msg = json.loads(data)
+        if msg["op"] == "spawn":
+            pid = os.fork()
+            if pid == 0:
+                _forked_child(msg["cwd"], fds)  # never returns
+            children.add(pid)
+            for fd in fds:
+                os.close(fd)
+            reply = {"pid": pid}
+        else:
+            pid, status = msg["pid"], None
+            for _ in range(5000) if pid in children else ():
+                done, st = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    status = st
+                    children.discard(pid)
+                    break
+                time.sleep(0.001)
+            reply = {"status": status}
+        sock.send(json.dumps(reply).encode())
+    for pid in children:
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def _forked_child(cwd, fds):
+    """In a fresh fork of the fork server: own session, the parent's pipes as fds 0-2, no other
+    fds (not the server's socket), then the sandboxed child proper."""
+    code = 1
+    try:
+        os.setsid()
+        for i, fd in enumerate(fds):
+            os.dup2(fd, i)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        os.chdir(cwd)
+        import random
+        random.seed()  # fresh entropy, as a fresh interpreter would have, not the server's state
+        _child_main()
+        code = 0
+    except BaseException:
+        import traceback
+        traceback.print_exc()  # to the parent's stderr tail
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--fork-server"]:
+    _fork_server_main(int(sys.argv[2]))
 elif __name__ == "__main__":  # demo with a fake worker that reports the length of its prompt
     with REPL("lorem ipsum " * 500, llm_query=lambda p: f"<{len(p)} chars>", timeout_s=2) as repl:
         for cell in ["chunks = [context[i:i + 1000] for i in range(0, len(context), 1000)]\n"

@@ -1,5 +1,5 @@
-"""The GPU training benchmark's script runs end to end on the CPU (tiny shape) and ends with a
-JSON line of positive rates; bench/gpu.sh runs the same script on Qwen3 shapes."""
+"""Benchmarks run end to end on the CPU (tiny shapes) and end with a JSON line. bench/gpu.sh runs
+the training-step benchmark on Qwen3 shapes."""
 import json
 import os
 import subprocess
@@ -35,3 +35,12 @@ def test_induction_bench_reports_steps_to_copy():
     assert abs(out["variable_final_nll"] - out["chance_nll"]) < 0.5
     out = _induction("--steps", "3", "--threshold", "100")   # every NLL is below 100: reached at step 0
     assert out["fixed_steps_to_copy"] == 0 and out["variable_steps_to_copy"] == 0
+
+
+def test_repl_bench_prints_a_json_line_last():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "repl.py"), "--iters", "3", "--warmup", "1",
+                        "--starts", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    assert last["bench"] == "repl" and last["startup_ms_median"] > 0 and last["fresh_interpreter_ms_median"] > 0
+    assert last["startup_speedup"] == round(last["fresh_interpreter_ms_median"] / last["startup_ms_median"], 2)

@@ -242,3 +242,71 @@ def test_context_manager_closes():
     with REPL("x") as r:
         tmpdir = r.tmpdir
     assert not os.path.exists(tmpdir) and r.pid is None
+
+
+# --- the fork server: children are forked from one helper process per parent ---
+
+def test_forked_child_holds_only_its_pipes():
+    """The child must not inherit the fork server's socket (or anything else): only its pipes."""
+    with REPL("x") as r:
+        targets = [os.readlink(f"/proc/{r.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{r.pid}/fd")]
+        assert len(targets) == 5, targets  # /dev/null as 0 and 1, stderr, the two protocol dups
+        assert not any(t.startswith("socket:") for t in targets), targets
+
+
+def test_forked_children_do_not_share_random_state():
+    cell = "import random\nprint(random.random())"
+    with REPL("") as a, REPL("") as b:
+        assert a.run(cell).stdout != b.run(cell).stdout
+
+
+def test_fork_server_restarts_after_it_is_killed():
+    import repl as repl_mod
+    with REPL("") as r:
+        r.run("x = 1")
+    old = repl_mod._fork_server()
+    old.proc.kill()
+    old.proc.wait()
+    with REPL("") as r:  # a fresh server, and the new child works
+        assert r.run("print(2)").stdout == "2\n"
+    assert repl_mod._fork_server() is not old
+
+
+def test_children_started_from_many_threads():
+    import threading
+    outs = [None] * 12
+
+    def go(i):
+        with REPL(str(i)) as r:
+            outs[i] = (r.pid, r.run("print(context)").stdout)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(outs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [o[1] for o in outs] == [f"{i}\n" for i in range(len(outs))]
+    assert len({o[0] for o in outs}) == len(outs)
+
+
+def test_fork_server_and_children_die_with_the_parent(tmp_path):
+    """A parent killed with SIGKILL leaves nothing behind: the server sees its socket close."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import os, sys, repl\nr = repl.REPL('x')\n"
+            "print(repl._fork_server().proc.pid, r.pid, flush=True)\nos.kill(os.getpid(), 9)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2, out.stderr
+
+    def gone(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(") ")[1][0] in "ZX"  # a zombie waiting for init counts
+        except FileNotFoundError:
+            return True
+    deadline = time.monotonic() + 5
+    while not all(gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(gone(p) for p in pids)

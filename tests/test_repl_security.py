@@ -345,5 +345,5 @@ def test_parent_survives_a_lying_child(payload):
         assert time.monotonic() - t0 < TIMEOUT_S + 1
         assert "lost" in res.error and r.restarts == 1
         assert r.run("print('ok')").stdout == "ok\n"
-        os.close(fake_out)
+        os.close(real_out)  # the REPL closed the fds it held (the fake one) when it killed the child
         os.close(writer)
