@@ -212,6 +212,18 @@ def plot_curves(series, x, ys, path, xlabel=None, logx=False):
     return _save(fig, path)
 
 
+def merge_coincident(points):
+    """(label, x, y) points at the same place (to display precision) become one point labelled
+    "a = b" (later labels without the "rlm-edge" every edge method shares): methods that learnt
+    the same thing (e.g. all relaying `none`) would otherwise print their labels on top of each
+    other."""
+    merged = {}
+    for label, x, y in points:
+        merged.setdefault((round(x, 6), round(y, 3)), (x, y, []))[2].append(label)
+    return [(" = ".join([labels[0]] + [lb.removeprefix("rlm-edge") for lb in labels[1:]]), x, y)
+            for x, y, labels in merged.values()]
+
+
 def plot_points(points, path, xlabel="cloud $ per query", ylabel="accuracy", curves=None):
     """Scatter of (label, x, y) points plus optional (label, [(x, y), ...]) curves."""
     import matplotlib
@@ -221,7 +233,7 @@ def plot_points(points, path, xlabel="cloud $ per query", ylabel="accuracy", cur
     for label, xs_ys in (curves or []):
         if xs_ys:
             ax.plot(*zip(*xs_ys), marker=".", label=label)
-    for label, x, y in points:
+    for label, x, y in merge_coincident(points):
         ax.scatter([x], [y])
         ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel(xlabel)

@@ -98,3 +98,13 @@ def test_pretrain_from_continues_the_models_of_another_run(smoke_run, tmp_path):
         assert set(a) == set(b) and any(not torch.equal(a[k], b[k]) for k in a)   # trained on, same shapes
     assert open(os.path.join(out, "pretrain", "tokenizer", "tokenizer_tiktoken.json")).read() == \
         open(os.path.join(smoke_run, "pretrain", "tokenizer", "tokenizer_tiktoken.json")).read()
+
+
+def test_coincident_points_share_one_label(tmp_path):
+    """Regression: rows that learnt the same thing printed their labels on top of each other."""
+    import report
+    pts = [("rlm-edge+opd", 0.00176, 0.035), ("rlm-edge+rl", 0.00176, 0.0350001), ("rlm-edge+sft", 0.00176, 0.040),
+           ("rlm-cloud", 0.04, 0.035)]
+    assert report.merge_coincident(pts) == [("rlm-edge+opd = +rl", 0.00176, 0.035), ("rlm-edge+sft", 0.00176, 0.040),
+                                             ("rlm-cloud", 0.04, 0.035)]
+    assert os.path.getsize(report.plot_points(pts, str(tmp_path / "p.png"))) > 0
