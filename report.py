@@ -214,14 +214,17 @@ def plot_curves(series, x, ys, path, xlabel=None, logx=False):
 
 def merge_coincident(points):
     """(label, x, y) points at the same place (to display precision) become one point labelled
-    "a = b" (later labels without the "rlm-edge" every edge method shares): methods that learnt
-    the same thing (e.g. all relaying `none`) would otherwise print their labels on top of each
-    other."""
+    "a = b": methods that learnt the same thing (e.g. all relaying `none`) would otherwise print
+    their labels on top of each other. Later labels drop the "rlm-edge" every edge method shares;
+    four at most, so a long label does not squeeze the axes."""
     merged = {}
     for label, x, y in points:
         merged.setdefault((round(x, 6), round(y, 3)), (x, y, []))[2].append(label)
-    return [(" = ".join([labels[0]] + [lb.removeprefix("rlm-edge") for lb in labels[1:]]), x, y)
-            for x, y, labels in merged.values()]
+    out = []
+    for x, y, labels in merged.values():
+        text = " = ".join([labels[0]] + [lb.removeprefix("rlm-edge") for lb in labels[1:4]])
+        out.append((text + (f" (+{len(labels) - 4} more)" if len(labels) > 4 else ""), x, y))
+    return out
 
 
 def plot_points(points, path, xlabel="cloud $ per query", ylabel="accuracy", curves=None):

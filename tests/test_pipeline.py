@@ -107,4 +107,6 @@ def test_coincident_points_share_one_label(tmp_path):
            ("rlm-cloud", 0.04, 0.035)]
     assert report.merge_coincident(pts) == [("rlm-edge+opd = +rl", 0.00176, 0.035), ("rlm-edge+sft", 0.00176, 0.040),
                                              ("rlm-cloud", 0.04, 0.035)]
-    assert os.path.getsize(report.plot_points(pts, str(tmp_path / "p.png"))) > 0
+    six = [(f"rlm-edge+m{i}", 0.0, 0.0) for i in range(6)]
+    assert report.merge_coincident(six) == [("rlm-edge+m0 = +m1 = +m2 = +m3 (+2 more)", 0.0, 0.0)]
+    assert os.path.getsize(report.plot_points(pts + six, str(tmp_path / "p.png"))) > 0
