@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -29,12 +31,14 @@ def _induction(*extra):
 
 def test_induction_bench_reports_steps_to_copy():
     import math
-    out = _induction("--steps", "3")        # three steps of a random model: nothing copied yet
+    runs = ("fixed-adamw", "variable-adamw", "variable-muon")
+    out = _induction("--steps", "3", "--runs", ",".join(runs))   # three steps of a random model: nothing copied yet
     assert out["chance_nll"] == round(math.log(64 - 5), 3)
-    assert out["fixed_steps_to_copy"] is None and out["variable_steps_to_copy"] is None
-    assert abs(out["variable_final_nll"] - out["chance_nll"]) < 0.5
+    assert all(out[f"{r}_steps_to_copy"] is None for r in runs)
+    assert all(abs(out[f"{r}_final_nll"] - out["chance_nll"]) < 0.5 for r in runs)
+    assert out["adamw_over_muon_steps"] is None
     out = _induction("--steps", "3", "--threshold", "100")   # every NLL is below 100: reached at step 0
-    assert out["fixed_steps_to_copy"] == 0 and out["variable_steps_to_copy"] == 0
+    assert out["variable-adamw_steps_to_copy"] == 0 and out["variable-muon_steps_to_copy"] == 0
 
 
 def test_repl_bench_prints_a_json_line_last():
@@ -43,4 +47,6 @@ def test_repl_bench_prints_a_json_line_last():
     assert r.returncode == 0, r.stderr[-2000:]
     last = json.loads(r.stdout.strip().splitlines()[-1])
     assert last["bench"] == "repl" and last["startup_ms_median"] > 0 and last["fresh_interpreter_ms_median"] > 0
-    assert last["startup_speedup"] == round(last["fresh_interpreter_ms_median"] / last["startup_ms_median"], 2)
+    # the ratio is of the unrounded medians, the printed medians are rounded: equal to ~1%, not exactly
+    # (an exact comparison failed one run in six)
+    assert last["startup_speedup"] == pytest.approx(last["fresh_interpreter_ms_median"] / last["startup_ms_median"], rel=0.01)
