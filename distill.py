@@ -402,7 +402,10 @@ def micro_batches(batch, max_rows, max_tokens):
     return out + [cur] if cur else out
 
 
-def make_optimizer(model, lr, weight_decay):
+def make_optimizer(model, lr, weight_decay, optimizer="adamw", muon_lr=0.02):
+    if optimizer == "muon":              # pretraining from scratch (muon.py)
+        import muon
+        return muon.for_model(model, lr, muon_lr, weight_decay)
     # decay matrices only: norms and biases keep their scale
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -411,9 +414,9 @@ def make_optimizer(model, lr, weight_decay):
 
 
 def fit(model, examples, *, steps, batch_size, lr, warmup=20, weight_decay=0.1, grad_clip=1.0, seed=0,
-        micro_batch=None, max_batch_tokens=4096, prompt_weight=0.0, state_path=None, ckpt_every=100, metrics=None, eval_fn=None, eval_every=0,
+        optimizer="adamw", muon_lr=0.02, micro_batch=None, max_batch_tokens=4096, prompt_weight=0.0, state_path=None, ckpt_every=100, metrics=None, eval_fn=None, eval_every=0,
         name="fit", quiet=False):
-    """AdamW with warmup + cosine, gradient clipping, micro-batches that add up to `batch_size`
+    """AdamW (or Muon, see muon.py) with warmup + cosine, gradient clipping, micro-batches that add up to `batch_size`
     (normalised by the global target-token count; see micro_batches), resumable from `state_path`. Each step's batch
     is drawn from an RNG seeded by (seed, step), so a resumed run sees exactly the batches it
     would have seen. `eval_fn(model) -> dict` is logged every `eval_every` steps (and at 0).
@@ -422,7 +425,7 @@ def fit(model, examples, *, steps, batch_size, lr, warmup=20, weight_decay=0.1, 
     if not examples:
         raise ValueError("fit: no training examples (all longer than the model's window?)")
     pad_id = 0
-    opt = make_optimizer(model, lr, weight_decay)
+    opt = make_optimizer(model, lr, weight_decay, optimizer, muon_lr)
     start = 0
     if state_path and os.path.exists(state_path):
         st = torch.load(state_path, map_location="cpu", weights_only=False)
@@ -442,8 +445,9 @@ def fit(model, examples, *, steps, batch_size, lr, warmup=20, weight_decay=0.1, 
         model.train()
         rng = random.Random(seed * 1_000_003 + step)
         batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
+        cur_lr = util.cosine_lr(step, steps, lr, warmup)
         for g in opt.param_groups:
-            g["lr"] = util.cosine_lr(step, steps, lr, warmup)
+            g["lr"] = cur_lr * g.get("lr_mult", 1.0)   # Muon's matrices: their own peak, same schedule
         n_tok = sum(len(c) + prompt_weight * (len(p) - 1) for p, c in batch)
         total = 0.0
         mbs = micro_batches(dist.shard(batch), micro, max_batch_tokens)
@@ -460,7 +464,7 @@ def fit(model, examples, *, steps, batch_size, lr, warmup=20, weight_decay=0.1, 
         opt.step()
         opt.zero_grad(set_to_none=True)
         if metrics:
-            metrics.log(step=step + 1, loss=total, lr=opt.param_groups[0]["lr"], grad_norm=float(gnorm))
+            metrics.log(step=step + 1, loss=total, lr=cur_lr, grad_norm=float(gnorm))
         if eval_fn and eval_every and (step + 1) % eval_every == 0:
             model.eval()
             with dist.gathered(model):

@@ -1,7 +1,8 @@
-"""How many steps until the tiny worker shape learns to copy a repeated span? JSON line last.
+"""How many steps until the tiny worker shape learns to copy a repeated span, with AdamW and with
+Muon? JSON line last.
 
-    python bench/induction.py                  # fixed vs variable copy offset, ~7 minutes on 1 CPU thread
-    python bench/induction.py --steps 3000     # wait longer for the variable-offset run
+    python bench/induction.py                           # variable offset, AdamW vs Muon, ~10 min on 1 thread
+    python bench/induction.py --runs fixed-adamw,variable-adamw --steps 3000   # the positional shortcut
 
 Relaying a fact from a chunk is retrieval: find the question's entity in the chunk and copy what
 follows it. A transformer does that with an induction head (a previous-token head plus a head that
@@ -10,10 +11,11 @@ matches on content), and the tiny models of this project learn retrieval only af
 each row holds a random span of --span tokens that is repeated later in the row, and we measure
 the NLL of the repeat. With a fixed offset between the two copies, one attention head with RoPE
 can look a constant distance back (a positional shortcut, learnt in a few hundred steps); with a
-variable offset only a real induction head copies. Same model shape (the tiny worker's), optimizer,
-learning rate and batch for both, side by side in one process; `steps_to_copy` is the first
-evaluation with NLL below --threshold nats (null: not within --steps). Loss on every token, as in
-pretraining.
+variable offset only a real induction head copies. Each run is an offset kind and an optimizer
+(AdamW on everything, or Muon on the hidden matrices with AdamW on embeddings and norms: muon.py,
+what train.py pretrains with), same model shape (the tiny worker's), data and batch, side by side
+in one process; `steps_to_copy` is the first evaluation with NLL below --threshold nats (null: not
+within --steps). Loss on every token, as in pretraining.
 
 Measured (2-core CPU, one thread, defaults): fixed offset starts to copy at step ~500 (NLL 1.13 at
 step 1,000); variable offset stays at chance (6.93) through 3,000 steps, and through 600-1,000
@@ -38,11 +40,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lm  # noqa: E402
+import muon  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("--runs", default="variable-adamw,variable-muon", help="comma list of {fixed,variable}-{adamw,muon}")
 ap.add_argument("--steps", type=int, default=1000)
 ap.add_argument("--batch", type=int, default=16)
-ap.add_argument("--lr", type=float, default=3e-3)
+ap.add_argument("--lr", type=float, default=3e-3, help="AdamW (and Muon's embeddings and norms)")
+ap.add_argument("--muon-lr", type=float, default=0.02)
 ap.add_argument("--span", type=int, default=12, help="tokens in the repeated span")
 ap.add_argument("--max-gap", type=int, default=40, help="variable offset: span + 0..max-gap tokens")
 ap.add_argument("--vocab", type=int, default=1024)
@@ -75,11 +80,12 @@ def copy_nll(model, ids_NT, mask_NT):
     return float(-(logp * m).sum() / m.sum())
 
 
-def run(variable):
+def run(variable, optimizer):
     cfg = lm.ModelConfig(arch="qwen3", vocab_size=a.vocab, d_model=a.d_model, n_layers=a.layers, n_heads=4,
                          n_kv_heads=2, d_ff=3 * a.d_model, max_seq_len=512)
     model = lm.build_model(cfg, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = muon.for_model(model, a.lr, a.muon_lr, 0.1) if optimizer == "muon" else \
+        torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(0)
     test = batch(128, torch.Generator().manual_seed(1), variable)
     curve, reached, t0 = [], None, time.time()
@@ -88,7 +94,7 @@ def run(variable):
             with torch.no_grad():
                 nll = copy_nll(model, *test)
             curve.append(round(nll, 3))
-            print(f"{'variable' if variable else 'fixed':>8} offset  step {step:5d}  copy NLL {nll:.3f}  "
+            print(f"{'variable' if variable else 'fixed':>8} offset, {optimizer:5}  step {step:5d}  copy NLL {nll:.3f}  "
                   f"({time.time() - t0:.0f}s)", flush=True)
             if nll < a.threshold:
                 reached = step
@@ -105,9 +111,15 @@ def run(variable):
 
 
 print(json.dumps(vars(a)))
-res = {"fixed": run(False), "variable": run(True)}
-print(json.dumps({"bench": "induction", "chance_nll": round(float(torch.log(torch.tensor(a.vocab - 5.0))), 3),
-                  "fixed_steps_to_copy": res["fixed"]["steps_to_copy"],
-                  "variable_steps_to_copy": res["variable"]["steps_to_copy"],
-                  "variable_final_nll": res["variable"]["curve"][-1], "steps": a.steps, "batch": a.batch,
-                  "fixed_seconds": res["fixed"]["seconds"], "variable_seconds": res["variable"]["seconds"]}))
+res = {}
+for r in a.runs.split(","):
+    offset, optimizer = r.strip().split("-")
+    res[r.strip()] = run(offset == "variable", optimizer)
+out = {"bench": "induction", "chance_nll": round(float(torch.log(torch.tensor(a.vocab - 5.0))), 3),
+       "steps": a.steps, "batch": a.batch}
+for k, v in res.items():
+    out.update({f"{k}_steps_to_copy": v["steps_to_copy"], f"{k}_final_nll": v["curve"][-1], f"{k}_seconds": v["seconds"]})
+if {"variable-adamw", "variable-muon"} <= set(res):   # steps AdamW needed per step Muon needed (>1: Muon faster)
+    sa, sm = res["variable-adamw"]["steps_to_copy"], res["variable-muon"]["steps_to_copy"]
+    out["adamw_over_muon_steps"] = round(sa / sm, 2) if sa and sm else None
+print(json.dumps(out))

@@ -58,6 +58,7 @@ def test_opd_counts_teacher_tokens_and_pretrain_reports_both_models(smoke_run):
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--preset", "smoke", "--stage", "fly"], "unknown stage 'fly'"),
     (["--preset", "smoke", "--stage", "sft", "--out", "{tmp}/empty"], "--stage collect"),
+    (["--preset", "smoke", "--stage", "pretrain", "--fsdp", "--out", "{tmp}/f"], "--optimizer adamw"),
 ])
 def test_user_errors_are_one_line(argv, needle, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
@@ -66,14 +67,16 @@ def test_user_errors_are_one_line(argv, needle, tmp_path, capsys):
     assert needle in err and "\n" not in err and "Traceback" not in err
 
 
-def test_fit_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_fit_resumes_exactly(tmp_path, optimizer):
     """An interrupted fit resumes from its state file and ends with the same weights as an
-    uninterrupted one (batches are drawn from an RNG seeded by step)."""
+    uninterrupted one (batches are drawn from an RNG seeded by step; Muon's momentum and its
+    AdamW groups' moments are in the state file)."""
     import distill
     import lm
     cfg = lm.ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=64)
     data = [([1, 2, 3, i % 7 + 4], [i % 5 + 10, 11]) for i in range(50)]
-    kw = dict(batch_size=4, lr=1e-2, warmup=1, seed=3, quiet=True)
+    kw = dict(batch_size=4, lr=1e-2, warmup=1, seed=3, quiet=True, optimizer=optimizer)
     full = distill.fit(lm.build_model(cfg, seed=0), data, steps=6, **kw)
     state = str(tmp_path / "state.pt")
     distill.fit(lm.build_model(cfg, seed=0), data, steps=6, state_path=state, ckpt_every=3, **kw, )
