@@ -132,3 +132,22 @@ def test_rlm_query_starts_a_child_rlm_up_to_the_depth_cap():
     flat = rlm.RLM(FakeEndpoint("supervisor", root, cloud=True),
                    FakeEndpoint("worker", lambda _: "worker says hi", cloud=False), max_depth=1).run(task)
     assert flat.prediction == "worker says hi"
+
+
+def test_endpoint_splits_large_calls_without_changing_greedy_outputs():
+    """Endpoint.generate answers a call in rollouts of at most max_batch rows (one 311-row call was
+    2x slower on CPU than rows of 64); greedy outputs must not depend on that split."""
+    import dataclasses
+
+    import torch
+
+    import lm
+    tok = lm.Tokenizer(enc=lm.train_bpe(["alpha beta gamma delta " * 50], 300))
+    model = lm.build_model(dataclasses.replace(lm.MODEL_PRESETS["smoke"]["worker"], vocab_size=tok.vocab_size), seed=0)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, tok.vocab_size, (int(n),), generator=g).tolist()
+               for n in torch.randint(3, 30, (21,), generator=g)]
+    whole = rlm.Endpoint("worker", model, tok, False, 6, window=512, max_batch=64).generate(prompts)
+    split = rlm.Endpoint("worker", model, tok, False, 6, window=512, max_batch=4).generate(prompts)
+    assert [o["tokens"] for o in whole] == [o["tokens"] for o in split]
+    assert rlm.Endpoint.max_batch == 64
