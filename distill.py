@@ -415,11 +415,13 @@ def make_optimizer(model, lr, weight_decay, optimizer="adamw", muon_lr=0.02):
 
 def fit(model, examples, *, steps, batch_size, lr, warmup=20, weight_decay=0.1, grad_clip=1.0, seed=0,
         optimizer="adamw", muon_lr=0.02, micro_batch=None, max_batch_tokens=4096, prompt_weight=0.0, state_path=None, ckpt_every=100, metrics=None, eval_fn=None, eval_every=0,
-        name="fit", quiet=False):
+        name="fit", quiet=False, amp=None):
     """AdamW (or Muon, see muon.py) with warmup + cosine, gradient clipping, micro-batches that add up to `batch_size`
     (normalised by the global target-token count; see micro_batches), resumable from `state_path`. Each step's batch
     is drawn from an RNG seeded by (seed, step), so a resumed run sees exactly the batches it
     would have seen. `eval_fn(model) -> dict` is logged every `eval_every` steps (and at 0).
+    `amp=torch.bfloat16` runs the forward and backward matmuls in bfloat16 under autocast (weights,
+    gradients and optimizer states stay float32): ~1.4x per pretraining step on a CPU with bf16 units.
     Under torchrun each rank trains on its share of the batch and the gradients are summed
     (dist.py); the result equals one process on the whole batch."""
     if not examples:
@@ -438,6 +440,7 @@ def fit(model, examples, *, steps, batch_size, lr, warmup=20, weight_decay=0.1, 
         with dist.gathered(model):
             metrics.log(step=0, **eval_fn(model))
     micro = micro_batch or batch_size
+    dev_type = next(model.parameters()).device.type
     dist.broadcast_params(model)
     prog = util.Progress(name, steps, quiet=quiet)
     prog.start = start
@@ -455,7 +458,8 @@ def fit(model, examples, *, steps, batch_size, lr, warmup=20, weight_decay=0.1, 
             if k == len(mbs):
                 dist.zero_pass(model)
                 continue
-            loss = completion_nll(model, *pad_examples(mbs[k], pad_id, prompt_weight), num_tokens=n_tok)
+            with torch.autocast(dev_type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                loss = completion_nll(model, *pad_examples(mbs[k], pad_id, prompt_weight), num_tokens=n_tok)
             loss.backward()
             total += loss.item()
         dist.sync_grads(model.parameters())

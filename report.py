@@ -101,6 +101,10 @@ def write(out, config):
     if pre:
         md += ["## Pretrained models", "", "| model | params | steps | held-out relay accuracy |", "|---|---|---|---|"]
         md += [f"| {k} | {v['params'] / 1e6:.2f}M | {v['steps']} | {v['relay_accuracy']:.3f} |" for k, v in pre.items()]
+        gap = extras["pretrain"].get("gap")
+        if gap:
+            md += ["", f"Supervisor minus worker on the same {gap['n']} chunks: {gap['mean']:+.3f} "
+                       f"(paired 95% interval {gap['ci95'][0]:+.3f} to {gap['ci95'][1]:+.3f})."]
         md.append("")
     md += teaching_table(out, extras)
     gk = extras.get("gatekeeper")
