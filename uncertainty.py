@@ -396,7 +396,7 @@ def stage_cascade(args):
     import report
     import rlm
     d = os.path.join(args.out, "cascade")
-    eps = rlm.endpoints(args)
+    eps = rlm.endpoints(args)      # memoised: the sweep replays the same greedy calls (rlm.Endpoint.memo)
     train_calls = [c for t in rlm.load_trajectories(os.path.join(args.out, "collect", "rlm-edge.jsonl"))
                    for c in t.calls if c["role"] == "sub"]
     groups = [g for g in rlm.eval_tasks(args) if g[0].meta["target_chars"] == args.long_chars]

@@ -151,3 +151,35 @@ def test_endpoint_splits_large_calls_without_changing_greedy_outputs():
     split = rlm.Endpoint("worker", model, tok, False, 6, window=512, max_batch=4).generate(prompts)
     assert [o["tokens"] for o in whole] == [o["tokens"] for o in split]
     assert rlm.Endpoint.max_batch == 64
+
+
+def test_endpoint_memo_answers_repeated_greedy_prompts_once(monkeypatch):
+    """The cascade sweep's memo: the same outputs as a fresh endpoint, rollout only on prompts not
+    seen before (each once, even when repeated inside one call), and refused when sampling."""
+    import dataclasses
+
+    import pytest
+    import torch
+
+    import lm
+    tok = lm.Tokenizer(enc=lm.train_bpe(["alpha beta gamma delta " * 50], 300))
+    model = lm.build_model(dataclasses.replace(lm.MODEL_PRESETS["smoke"]["worker"], vocab_size=tok.vocab_size), seed=0)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, tok.vocab_size, (int(n),), generator=g).tolist()
+               for n in torch.randint(3, 30, (9,), generator=g)]
+    fresh = rlm.Endpoint("worker", model, tok, False, 6, window=512).generate(prompts)
+    ep = rlm.Endpoint("worker", model, tok, False, 6, window=512, memo={})
+    rows = []
+    real = lm.rollout
+    monkeypatch.setattr(lm, "rollout", lambda m, ids, *a, **k: (rows.append(len(ids)), real(m, ids, *a, **k))[1])
+    before = rlm.REPLAYED_S[0]
+    first = ep.generate(prompts[:5] + prompts[:2])               # two repeats inside one call
+    second = ep.generate(prompts)                                # five seen, four new
+    assert rows == [5, 4]
+    assert rlm.REPLAYED_S[0] > before        # replayed answers bill the time they once took
+    assert [o["tokens"] for o in first] == [o["tokens"] for o in fresh[:5] + fresh[:2]]
+    assert [o["tokens"] for o in second] == [o["tokens"] for o in fresh]
+    for a, b in zip(second, fresh):      # log-probs to float32 rounding (other batch mates, other padding)
+        assert torch.allclose(torch.tensor(a["logprobs"]), torch.tensor(b["logprobs"]), atol=1e-4)
+    with pytest.raises(ValueError, match="greedy"):
+        rlm.Endpoint("worker", model, tok, False, 6, temperature=1.0, memo={}).generate(prompts)
