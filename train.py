@@ -43,7 +43,7 @@ PRESETS = {
                   pretrain_examples=200, heldout_relays=24, collect_n=2, curve_n=1, shots=1, root_tokens=64, relay_tokens=16, collect_root="planner",
                   sft_steps=6, sft_batch=8, sft_lr=1e-3, opd_steps=4, opd_batch=4, opd_lr=1e-3, eval_every=2,
                   rl_steps=3, rl_batch=4, rl_lr=1e-3, gk_steps=4, gk_lr=1e-3),
-    "tiny": dict(vocab_size=1024, bpe_chars=400_000, sup_steps=2000, worker_steps=1000, batch_size=16,
+    "tiny": dict(vocab_size=1024, bpe_chars=400_000, sup_steps=3000, worker_steps=1000, batch_size=16,
                  lr=3e-3, short_chars=2_000, long_chars=20_000, eval_n=8, lines_per_chunk=8,
                  pretrain_examples=20_000, heldout_relays=200, collect_n=8, curve_n=2, shots=2, collect_root="model", root_tokens=256, relay_tokens=32,
                  sft_steps=120, sft_batch=16, sft_lr=5e-4, opd_steps=40, opd_batch=8, opd_lr=5e-4, eval_every=10,
