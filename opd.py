@@ -7,8 +7,9 @@ The worker samples G relays for sub-call prompts of real RLM episodes (training 
 scores every sampled token, and the worker learns from its own samples (GKD; Thinking Machines'
 on-policy distillation; Qwen3's strong-to-weak stage). Per step:
 
-  1. B prompts from the pool (sub-calls of `rlm-edge`/`rlm-cloud` training episodes; refreshed
-     from new `rlm-edge` episodes every `--opd-refresh` steps). A coin per prompt picks on-policy
+  1. B prompts from the pool (sub-calls of `rlm-edge`/`rlm-cloud` training episodes, collected
+     once; `--opd-fact-share` draws that share from the prompts whose supervisor relay states a
+     fact instead of `none`). A coin per prompt picks on-policy
      (prob. `--lmbda`: G student samples) or off-policy (the supervisor's relay: recorded in an
      `rlm-cloud` episode, else generated greedily once and cached).
   2. Gate (`--gate`): keep a sample only where the condition holds: `entropy` (mean token entropy
@@ -30,7 +31,8 @@ supervisor, end-to-end `rlm-edge` accuracy on dev tasks.
 Shapes: B prompts per step, G samples per prompt, S sequences kept, T completion tokens, V vocab.
 
 What it deliberately does not do: no PPO clipping (one update per batch, so the ratio is 1), no
-discounting of the per-token signal (Thinking Machines saw no gain), no replay buffer.
+discounting of the per-token signal (Thinking Machines saw no gain), no replay buffer, no
+refreshing of the pool with new episodes during training.
 """
 import copy
 import json
@@ -56,7 +58,9 @@ def add_args(p):
     g.add_argument("--self-ema", type=float, default=0.0, help="EMA rate of the self teacher (0 = frozen)")
     g.add_argument("--gate", default="none", help="none | entropy | first_token | wrong | disagree")
     g.add_argument("--gate-threshold", type=float, default=None, help="default: the median signal of the first step's samples")
-    g.add_argument("--opd-refresh", type=int, default=0, help="refresh rlm-edge prompts every N steps (0 = never)")
+    g.add_argument("--opd-fact-share", type=float, default=0.0,
+                   help="share of each batch drawn from prompts whose supervisor relay states a fact (0 = the "
+                        "episodes' own mix, ~10%% facts)")
     g.add_argument("--opd-variants", default=None, help="comma list: opd,sft+opd,opd-self,opd-gated,opd-xtok")
     g.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
     g.add_argument("--lora-alpha", type=float, default=32.0)
@@ -167,6 +171,25 @@ class OPD:
         self.lr = lr
         self.counters = {"step": 0, "teacher_tokens": 0, "student_tokens": 0, "flops": 0.0, "kept": 0, "sampled": 0}
         self.threshold = args.gate_threshold
+        self.facts = None     # pool prompts whose supervisor relay states a fact (draw, --opd-fact-share)
+
+    def draw(self, rng):
+        """One step's prompts: uniform over the pool, or with `--opd-fact-share` of them (in
+        expectation) drawn from the prompts whose supervisor relay states a fact (~10% of episode
+        sub-calls; the rest are `none`, a prior that otherwise swamps the copying to be learnt)."""
+        share = getattr(self.args, "opd_fact_share", 0.0)
+        if share <= 0:        # the pool as the episodes made it (the RNG stream of earlier runs)
+            return [self.pool[rng.randrange(len(self.pool))] for _ in range(self.args.opd_batch)]
+        if self.facts is None:
+            self.facts = [it for it in self.pool if (it["relay"] or "none").strip() != "none"]
+            if not self.facts:
+                raise util.UserError("--opd-fact-share: no pool prompt has a supervisor relay that states a fact "
+                                     "(collect stage, rlm-cloud episodes); use --opd-fact-share 0")
+        out = []
+        for _ in range(self.args.opd_batch):
+            src = self.facts if rng.random() < share else self.pool
+            out.append(src[rng.randrange(len(src))])
+        return out
 
     def fill_relays(self, items):
         """The supervisor's greedy relay for pool items that have none, cached in the item."""
@@ -208,7 +231,7 @@ class OPD:
         import distill
         import lm
         a, rng = self.args, random.Random(self.args.seed * 1_000_003 + step)
-        items = [self.pool[rng.randrange(len(self.pool))] for _ in range(a.opd_batch)]
+        items = self.draw(rng)
         s_prompts = [self.stok.chat([{"role": "user", "content": it["prompt"]}]) for it in items]
         on = [rng.random() < a.lmbda for it in items]
         mine = dist.shard(list(range(len(items))))  # every rank drew the same batch; this is its share

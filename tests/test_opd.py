@@ -161,3 +161,26 @@ def test_micro_batches_give_the_same_update(toks, loss, xtok, monkeypatch):
     for w, l in zip(weights[1:], losses[1:]):
         assert l == pytest.approx(losses[0], rel=1e-5, abs=1e-7)
         torch.testing.assert_close(w, weights[0], rtol=1e-5, atol=1e-6)
+
+
+def test_fact_share_draws_prompts_whose_supervisor_relay_states_a_fact(toks):
+    """--opd-fact-share 1: every prompt from the fact subset; 0: the plain uniform draw (the same RNG
+    stream as before the option existed); a pool without facts fails with one line."""
+    import random
+
+    import util
+    tok = toks[0]
+    items = pool()
+    assert any(it["relay"] == "none" for it in items) and any(it["relay"] != "none" for it in items)
+    plain = opd.OPD(args_(opd_batch=12), model_for(tok, 0), tok, model_for(tok, 1), tok, items)
+    rng, ref = random.Random(5), random.Random(5)
+    assert plain.draw(rng) == [items[ref.randrange(len(items))] for _ in range(12)]
+    facts = opd.OPD(args_(opd_batch=12, opd_fact_share=1.0), model_for(tok, 0), tok, model_for(tok, 1), tok, items)
+    assert all(it["relay"] != "none" for it in facts.draw(random.Random(5)))
+    half = opd.OPD(args_(opd_batch=400, opd_fact_share=0.5), model_for(tok, 0), tok, model_for(tok, 1), tok, items)
+    base = sum(it["relay"] != "none" for it in items) / len(items)
+    got = sum(it["relay"] != "none" for it in half.draw(random.Random(5))) / 400
+    assert abs(got - (0.5 + 0.5 * base)) < 0.08                  # half from facts, half from the whole pool
+    nones = [dict(it, relay="none") for it in items]
+    with pytest.raises(util.UserError, match="opd-fact-share"):
+        opd.OPD(args_(opd_fact_share=0.5), model_for(tok, 0), tok, model_for(tok, 1), tok, nones).draw(random.Random(0))
