@@ -551,13 +551,27 @@ def rollout(model, prompt_ids: list[list[int]], max_new_tokens: int, *, temperat
     return res
 
 
+EAGER_MAX_SCORES = 2 ** 24  # attention scores per layer (64 MB of float32) below which CPU training uses eager
+
+
 def hidden_states(model, ids_BT, mask_BT):
     """The trunk's last hidden states [B, T, D] (after the final norm); callers apply the lm_head
     in chunks. A model sharded by dist.fsdp_wrap goes through its registered FSDP forward method,
     so that its root weights are gathered."""
-    if hasattr(model, "fsdp_hidden"):
-        return model.fsdp_hidden(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False)
-    return model.model(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False).last_hidden_state
+    impl = model.config._attn_implementation
+    B, T = ids_BT.shape
+    # Training on CPU: HF's sdpa path runs a flash-attention kernel whose backward is ~3x slower than
+    # plain matmul attention at these short lengths (a tiny pretraining step: 1.25x faster overall,
+    # docs/LOG.md). Plain attention keeps [B, H, T, T] scores for backward, so only while they are small.
+    if (impl == "sdpa" and torch.is_grad_enabled() and ids_BT.device.type == "cpu"
+            and B * model.config.num_attention_heads * T * T <= EAGER_MAX_SCORES):
+        model.config._attn_implementation = "eager"
+    try:
+        if hasattr(model, "fsdp_hidden"):
+            return model.fsdp_hidden(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False)
+        return model.model(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False).last_hidden_state
+    finally:
+        model.config._attn_implementation = impl
 
 
 def token_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],

@@ -3,6 +3,7 @@
 Run: python -m pytest -q tests/test_lm.py   (CPU, offline, tiny random models; well under a minute)
 RLM_SLOW=1 also runs the torch.compile test (a minute or more of compilation on CPU).
 """
+import copy
 import dataclasses
 import os
 import random
@@ -307,6 +308,43 @@ def test_token_logprobs_chunked_full_and_grad(model):
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
     model.zero_grad(set_to_none=True)
+
+
+def test_training_attention_eager_matches_sdpa(model, monkeypatch):
+    """On CPU under grad hidden_states switches to plain (eager) attention, which is faster to
+    backpropagate at these lengths; outputs and gradients must equal sdpa's, right padding
+    included, and the model's attention setting must come back. In float64, so that only HF eager's
+    float32 softmax separates the two (~1e-7 on outputs, <1e-4 of a gradient's scale); a masking or
+    padding error would be O(1)."""
+    model = copy.deepcopy(model).double()
+    ids = [p + [0] * (11 - len(p)) for p in PROMPTS]
+    ids_BT = torch.tensor(ids)
+    mask_BT = torch.tensor([[1] * len(p) + [0] * (11 - len(p)) for p in PROMPTS])
+    impl = model.config._attn_implementation
+    outs = {}
+    for limit in (0, lm.EAGER_MAX_SCORES):        # 0: never eager
+        monkeypatch.setattr(lm, "EAGER_MAX_SCORES", limit)
+        seen = []
+        hook = model.model.layers[0].self_attn.register_forward_pre_hook(
+            lambda m, a, kw: seen.append(m.config._attn_implementation), with_kwargs=True)
+        model.zero_grad(set_to_none=True)
+        h = lm.hidden_states(model, ids_BT, mask_BT)
+        (h * mask_BT[..., None]).square().sum().backward()
+        hook.remove()
+        outs[limit] = (h.detach()[mask_BT.bool()], [p.grad.clone() for p in model.parameters()], seen[0])
+        assert model.config._attn_implementation == impl
+    (h0, g0, impl0), (h1, g1, impl1) = outs[0], outs[lm.EAGER_MAX_SCORES]
+    assert impl0 == impl and impl1 == "eager"
+    torch.testing.assert_close(h0, h1, atol=1e-6, rtol=1e-5)
+    for a, b in zip(g0, g1):
+        assert (a - b).abs().max() <= 1e-3 * a.abs().max()
+    with torch.no_grad():                          # inference keeps the model's own attention
+        seen = []
+        hook = model.model.layers[0].self_attn.register_forward_pre_hook(
+            lambda m, a, kw: seen.append(m.config._attn_implementation), with_kwargs=True)
+        lm.hidden_states(model, ids_BT, mask_BT)
+        hook.remove()
+        assert seen == [impl]
 
 
 def test_generate_text(tok):
