@@ -562,8 +562,10 @@ def hidden_states(model, ids_BT, mask_BT):
     B, T = ids_BT.shape
     # Training on CPU: HF's sdpa path runs a flash-attention kernel whose backward is ~3x slower than
     # plain matmul attention at these short lengths (a tiny pretraining step: 1.25x faster overall,
-    # docs/LOG.md). Plain attention keeps [B, H, T, T] scores for backward, so only while they are small.
+    # docs/LOG.md). Plain attention keeps [B, H, T, T] scores for backward, so only while they are small;
+    # never under gradient checkpointing, whose recompute in backward runs after the switch is undone.
     if (impl == "sdpa" and torch.is_grad_enabled() and ids_BT.device.type == "cpu"
+            and not getattr(model, "is_gradient_checkpointing", False)
             and B * model.config.num_attention_heads * T * T <= EAGER_MAX_SCORES):
         model.config._attn_implementation = "eager"
     try:

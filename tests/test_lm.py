@@ -347,6 +347,23 @@ def test_training_attention_eager_matches_sdpa(model, monkeypatch):
         assert seen == [impl]
 
 
+def test_training_attention_under_grad_checkpointing(model):
+    """Regression: with gradient checkpointing the backward recomputes the layers after
+    hidden_states has returned; the attention must not be switched then (it raised)."""
+    model = copy.deepcopy(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    seen = []
+    hook = model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(m.config._attn_implementation), with_kwargs=True)
+    ids_BT = torch.tensor([p + [0] * (11 - len(p)) for p in PROMPTS])
+    mask_BT = torch.tensor([[1] * len(p) + [0] * (11 - len(p)) for p in PROMPTS])
+    lm.hidden_states(model, ids_BT, mask_BT).square().sum().backward()
+    hook.remove()
+    assert len(set(seen)) == 1 and seen[0] != "eager"
+    assert all(p.grad is not None for p in model.model.layers[0].parameters())
+
+
 def test_generate_text(tok):
     m = small_model("qwen3", vocab=tok.vocab_size)
     texts = lm.generate_text(m, tok, ["Where does Alice Moreau work?", "Hi"], max_new_tokens=6)
