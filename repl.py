@@ -15,7 +15,7 @@ Protocol: 8-byte length + JSON over the child's stdin/stdout; the context is sen
 child. The parent serves sub-calls while the child blocks; that time is not the cell's.
 
 Children are forked, not started: the first REPL of a process starts a fork server (`repl.py
---fork-server`, a clean `python -I -S` that imports the allowed modules once and never sees a
+--fork-server`, a clean `python -s -S -P` that imports the allowed modules once and never sees a
 context or model code), which forks each child in ~10 ms instead of ~0.1 s for a fresh
 interpreter (bench/repl.py). The server reaps its children, tells the parent their exit status,
 and exits, killing any left, when the parent's end of its socket closes (the parent died).
@@ -49,7 +49,8 @@ Not covered:
     fails. Without root the child keeps the parent's uid: NPROC and kill() are not contained
     (it could kill the fork server, which the parent then restarts).
   - Forked children start from the server's memory: the allowed modules' state (random is
-    reseeded in each child), nothing of other episodes.
+    reseeded, to 0, in each child), nothing of other episodes. String hashing is seeded too
+    (PYTHONHASHSEED=0), so a run's episodes repeat exactly; model code can predict both.
   - Accounting is per process (RLIMIT_AS), not cgroups.
   - The parent's callables see child-written prompts (injection; cost up to max_subcalls).
 """
@@ -343,10 +344,16 @@ class _ForkServer:
     (who gets their exit status) and exits when the parent's end of its socket closes."""
     def __init__(self):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one message per send
+        # `python -I` would also ignore PYTHONHASHSEED; the environment is built here, so -s (no user
+        # site) and -P (not the script's directory on sys.path; stripped again in the server for
+        # Python < 3.11) keep it as clean. A fixed hash seed makes set and dict-of-str orders in
+        # model-written code the same in every run: with a random one, a root that iterates a set of
+        # names asked its sub-calls in another order, and episodes differed between runs of one seed.
+        flags = ["-s", "-S"] + (["-P"] if sys.version_info >= (3, 11) else [])
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", os.path.abspath(__file__), "--fork-server", str(theirs.fileno())],
+            [sys.executable, *flags, os.path.abspath(__file__), "--fork-server", str(theirs.fileno())],
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd="/",
-            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, start_new_session=True)
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}, start_new_session=True)
         theirs.close()
         ours.settimeout(30)
         self.sock, self.lock, self.owner = ours, threading.Lock(), os.getpid()
@@ -705,7 +712,7 @@ def _forked_child(cwd, fds):
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         os.chdir(cwd)
         import random
-        random.seed()  # fresh entropy, as a fresh interpreter would have, not the server's state
+        random.seed(0)  # not the server's state, and the same in every run: episodes are deterministic
         _child_main()
         code = 0
     except BaseException:
@@ -717,6 +724,8 @@ def _forked_child(cwd, fds):
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--fork-server"]:
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != _here]   # no project modules
     _fork_server_main(int(sys.argv[2]))
 elif __name__ == "__main__":  # demo with a fake worker that reports the length of its prompt
     with REPL("lorem ipsum " * 500, llm_query=lambda p: f"<{len(p)} chars>", timeout_s=2) as repl:

@@ -310,3 +310,19 @@ def test_fork_server_and_children_die_with_the_parent(tmp_path):
     while not all(gone(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert all(gone(p) for p in pids)
+
+
+def test_set_order_and_random_repeat_across_runs():
+    """Regression: each process's fork server had a random string-hash seed and children reseeded
+    `random` from fresh entropy, so a root iterating a set of names (or drawing random numbers)
+    asked its sub-calls in another order in every run. Two separate processes must agree."""
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    prog = ("from repl import REPL\n"
+            "with REPL('x', llm_query=lambda p: p) as r:\n"
+            "    print(r.run(\"import random\\nprint(list({'Ada', 'Bob', 'Cy', 'Dee', 'Eve', 'Fay'}), random.random())\").stdout)\n"
+            "    print(r.run('import tasks').error is not None)\n")   # project modules stay out of reach
+    outs = [subprocess.run([sys.executable, "-c", prog], cwd=here, capture_output=True, text=True, timeout=60).stdout
+            for _ in range(2)]
+    assert outs[0] == outs[1] and "Ada" in outs[0] and outs[0].rstrip().endswith("True")
