@@ -20,6 +20,25 @@ import util
 STAGE_ORDER = ["pretrain", "eval", "fewshot", "sft", "opd", "rl", "gatekeeper", "cascade"]
 
 
+TIMED_STAGES = ["pretrain", "eval", "collect", "fewshot", "sft", "rl", "opd", "gatekeeper", "cascade"]
+
+
+def stage_times(out):
+    """One line: each finished stage's wall time in minutes (as recorded when it ran) and the sum."""
+    secs = []
+    for st in TIMED_STAGES:
+        p = os.path.join(out, st, "result.json")
+        if os.path.exists(p):
+            with open(p) as f:
+                s = json.load(f).get("seconds")
+            if s is not None:
+                secs.append((st, s))
+    if not secs:
+        return ""
+    parts = ", ".join(f"{st} {s / 60:.1f}" for st, s in secs)
+    return f"Stage wall time, minutes: {parts}; total {sum(s for _, s in secs) / 60:.1f}."
+
+
 def collect(out):
     """All rows and per-stage extras of a run directory."""
     rows, extras = [], {}
@@ -99,13 +118,18 @@ def write(out, config):
     md = [f"# Report: {out}", "", "## Main table (family means)", "", render_main(table) if table else "(no rows yet)", ""]
     pre = extras.get("pretrain", {}).get("models")
     if pre:
-        md += ["## Pretrained models", "", "| model | params | steps | held-out relay accuracy |", "|---|---|---|---|"]
-        md += [f"| {k} | {v['params'] / 1e6:.2f}M | {v['steps']} | {v['relay_accuracy']:.3f} |" for k, v in pre.items()]
+        md += ["## Pretrained models", "", "| model | params | steps | held-out relay accuracy | false facts on `none` chunks |",
+               "|---|---|---|---|---|"]
+        md += [f"| {k} | {v['params'] / 1e6:.2f}M | {v['steps']} | {v['relay_accuracy']:.3f} | "
+               f"{_f(v.get('false_fact_rate'), '.3f')} |" for k, v in pre.items()]
         gap = extras["pretrain"].get("gap")
         if gap:
             md += ["", f"Supervisor minus worker on the same {gap['n']} chunks: {gap['mean']:+.3f} "
                        f"(paired 95% interval {gap['ci95'][0]:+.3f} to {gap['ci95'][1]:+.3f})."]
         md.append("")
+    times = stage_times(out)
+    if times:
+        md += [times + " (A stage skipped as done keeps the time of the run that made it.)", ""]
     md += teaching_table(out, extras)
     gk = extras.get("gatekeeper")
     if gk and "before" in gk:
@@ -170,7 +194,8 @@ def summary_figures(out, rows, table):
         return []
     long_len = max(t["context_chars"] for t in table)
     at = [t for t in table if t["context_chars"] == long_len]
-    plain = [t for t in at if not t["method"].startswith("rlm-cascade(")]
+    # abstention rows cost what rlm-edge costs: they stay in the tables, off these two plots
+    plain = [t for t in at if not t["method"].startswith(("rlm-cascade(", "rlm-edge+abstain("))]
     curves = {}
     for t in at:
         if t["method"].startswith("rlm-cascade("):

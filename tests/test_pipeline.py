@@ -21,7 +21,7 @@ def test_report_has_every_method_with_finite_numbers(smoke_run):
               "rlm-edge+sft-gold", "rlm-edge+opd", "rlm-edge+sft+opd", "rlm-edge+opd-self", "rlm-edge+rl-correct"]:
         assert m in methods, m
     assert any(m.startswith("rlm-edge+opd-gated") for m in methods)
-    assert any(m.startswith("rlm-cascade(") for m in methods)
+    assert any(m.startswith("rlm-cascade(") for m in methods) and any(m.startswith("rlm-edge+abstain(") for m in methods)
     assert sum(m.startswith("rlm-edge+rl(lam=") for m in methods) == 3
     for r in rep["rows"]:
         for k in KEYS:
@@ -54,6 +54,7 @@ def test_opd_counts_teacher_tokens_and_pretrain_reports_both_models(smoke_run):
     pre = res["models"]
     assert pre["supervisor"]["params"] > pre["worker"]["params"]
     assert "correct" not in pre["worker"]                       # per-chunk lists stay out of result.json
+    assert all(0.0 <= pre[r]["false_fact_rate"] <= 1.0 for r in pre)
     gap = res["gap"]
     assert gap["mean"] == pytest.approx(pre["supervisor"]["relay_accuracy"] - pre["worker"]["relay_accuracy"])
     assert gap["ci95"][0] <= gap["mean"] <= gap["ci95"][1]
@@ -150,3 +151,12 @@ def test_coincident_points_share_one_label(tmp_path):
     six = [(f"rlm-edge+m{i}", 0.0, 0.0) for i in range(6)]
     assert report.merge_coincident(six) == [("rlm-edge+m0 = +m1 = +m2 = +m3 (+2 more)", 0.0, 0.0)]
     assert os.path.getsize(report.plot_points(pts + six, str(tmp_path / "p.png"))) > 0
+
+
+def test_report_lists_stage_times(smoke_run):
+    """report.md says how long each stage took (the run-time target is checked from it)."""
+    secs = {st: json.load(open(os.path.join(smoke_run, st, "result.json")))["seconds"] for st in train.STAGES}
+    line = next(l for l in open(os.path.join(smoke_run, "report.md")) if l.startswith("Stage wall time"))
+    for st, s in secs.items():
+        assert f"{st} {s / 60:.1f}" in line
+    assert f"total {sum(secs.values()) / 60:.1f}." in line

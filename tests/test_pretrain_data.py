@@ -56,3 +56,10 @@ def test_encode_dialogues_targets_the_last_answer_and_keeps_the_rest_as_prompt()
     [(p, c)] = train.encode_dialogues(tok, [msgs], max_len=1000)
     assert p == tok.chat(msgs[:-1]) and c == tok.encode("Kelom Dasir") + [tok.eos_id]
     assert train.encode_dialogues(tok, [msgs], max_len=len(p)) == []   # too long for the window
+
+
+def test_false_fact_rate_counts_claims_on_none_chunks_only():
+    pairs = [("a", "none"), ("b", "none"), ("c", "none"), ("d", "none"), ("e", "Ada Lovelace")]
+    preds = ["none", "Bob Smith", "", "Bob Smith; Eve", "none"]      # an empty relay claims nothing
+    assert train.false_fact_rate(preds, pairs) == 2 / 4
+    assert train.false_fact_rate(["x"], [("e", "Ada")]) != train.false_fact_rate(["x"], [("e", "Ada")])  # nan
