@@ -239,6 +239,7 @@ def gatekeeper_loss(logits_BTV, labels_BT, alpha):
 import hashlib
 import os
 import random
+import types
 
 import dist
 import util
@@ -256,6 +257,8 @@ def add_args(p):
                                                          "(default: sweep --cascade-rates)")
     g.add_argument("--cascade-rates", default="0.15,0.3,0.5", help="escalation rates swept per signal")
     g.add_argument("--cascade-signals", default=",".join(CASCADE_SIGNALS))
+    g.add_argument("--abstain", type=int, default=1, help="1 = the cascade stage also runs rlm-edge+abstain rows: "
+                   "the same thresholds turn unsure relays into `none` instead of escalating them (0 = off)")
 
 
 def sub_confidence(call, signal):
@@ -369,9 +372,12 @@ def stage_gatekeeper(args):
 # ----------------------------------------------------------------------------------------------
 # Cascade inside the RLM: escalate unsure worker sub-calls to the supervisor
 
-def cascade_hook(signal, tau, sup_ep, rate=None, seed=0):
+def cascade_hook(signal, tau, sup_ep, rate=None, seed=0, abstain=False):
     """A sub_hook for rlm.RLM: re-ask the supervisor where the worker's confidence < tau (or, for
-    signal 'random', for a deterministic pseudo-random `rate` of the prompts)."""
+    signal 'random', for a deterministic pseudo-random `rate` of the prompts). With abstain=True the
+    unsure relays become `none` instead, at no cloud cost: the edge keeps quiet where it is unsure,
+    which helps exactly when its wrong relays are invented facts (a root that aggregates ~140
+    chunks is misled by one)."""
     import rlm
 
     def hook(prompts, outs, key, sched, traj):
@@ -382,6 +388,12 @@ def cascade_hook(signal, tau, sup_ep, rate=None, seed=0):
         idx = [i for i, e in enumerate(esc) if e]
         if not idx:
             return outs
+        if abstain:
+            quiet = {"text": "none", "n_in": 0, "n_out": 0, "tokens": [], "logprobs": [], "entropies": []}
+            edge = types.SimpleNamespace(name="worker", cloud=False)
+            for i in idx:
+                traj.calls.append(rlm._call_record("abstention", edge, prompts[i], quiet, 1))
+            return [quiet if e else o for o, e in zip(outs, esc)]
         ids = [sup_ep.tok.chat([{"role": "user", "content": prompts[i]}]) for i in idx]
         sup_outs = sched.call(key, sup_ep, ids)
         outs = list(outs)
@@ -414,28 +426,33 @@ def stage_cascade(args):
         print(f"[cascade] relay level, {name:>14}: s_d {r['s_d']:+.3f}  auroc {r['auroc']:.3f}  "
               f"acc@{relay['rate']:.0%} {r['accuracy']:.3f}  gap recovered {r['gap_recovered']:+.2f}")
     rows, curves, points = [], {}, []
-    for sig in sigs + ["random"]:
-        for rate in rates:
-            if sig == "random":
-                tau = None
-            elif args.tau is not None:
-                tau = args.tau
-            else:   # the threshold that escalates `rate` of the training sub-calls
-                tau = float(np.quantile([sub_confidence(c, sig) for c in train_calls], rate))
-            hook = cascade_hook(sig, tau, eps["sup_sub"], rate=rate, seed=args.seed)
-            method = f"rlm-cascade({sig},{rate:g})"
-            for g in groups:
-                trajs = rlm.make_rlm(args, eps, sub_hook=hook).run_many(g, method, args.concurrency)
-                row = rlm.summarize(trajs, method)
-                esc = sum(c["role"] == "escalation" for t in trajs for c in t.calls)
-                row.update(signal=sig, target_rate=rate, tau=tau,
-                           escalated=esc / max(1, sum(c["role"] == "sub" for t in trajs for c in t.calls)))
-                rows.append(row)
-            mine = rows[-len(groups):]
-            curves.setdefault(sig, []).append((sum(r["cost_usd"] for r in mine) / len(mine),
-                                               sum(r["accuracy"] for r in mine) / len(mine)))
-            if args.tau is not None:
-                break
+    # cascades (unsure relays re-asked to the supervisor), then abstention (unsure relays become
+    # `none`, no cloud call): the same signals, thresholds and rates
+    for kind in ("cascade", "abstain") if args.abstain else ("cascade",):
+        for sig in sigs + ["random"]:
+            for rate in rates:
+                if sig == "random":
+                    tau = None
+                elif args.tau is not None:
+                    tau = args.tau
+                else:   # the threshold that escalates `rate` of the training sub-calls
+                    tau = float(np.quantile([sub_confidence(c, sig) for c in train_calls], rate))
+                hook = cascade_hook(sig, tau, eps["sup_sub"], rate=rate, seed=args.seed, abstain=kind == "abstain")
+                method = f"rlm-cascade({sig},{rate:g})" if kind == "cascade" else f"rlm-edge+abstain({sig},{rate:g})"
+                role = "escalation" if kind == "cascade" else "abstention"
+                for g in groups:
+                    trajs = rlm.make_rlm(args, eps, sub_hook=hook).run_many(g, method, args.concurrency)
+                    row = rlm.summarize(trajs, method)
+                    esc = sum(c["role"] == role for t in trajs for c in t.calls)
+                    row.update(signal=sig, target_rate=rate, tau=tau, kind=kind,
+                               escalated=esc / max(1, sum(c["role"] == "sub" for t in trajs for c in t.calls)))
+                    rows.append(row)
+                mine = rows[-len(groups):]
+                if kind == "cascade":
+                    curves.setdefault(sig, []).append((sum(r["cost_usd"] for r in mine) / len(mine),
+                                                       sum(r["accuracy"] for r in mine) / len(mine)))
+                if args.tau is not None:
+                    break
     # the two ends of every curve: rlm-edge and rlm-cloud at the same length
     ev = [r for r in (util.read_json(os.path.join(args.out, "eval", "result.json"))["rows"]) if r["context_chars"] == args.long_chars]
     for m in ("rlm-edge", "rlm-cloud"):
@@ -443,7 +460,7 @@ def stage_cascade(args):
         if mine:
             points.append((m, sum(r["cost_usd"] for r in mine) / len(mine), sum(r["accuracy"] for r in mine) / len(mine)))
     fig = report.plot_points(points, os.path.join(d, "cascade.png"), curves=[(k, sorted(v)) for k, v in curves.items()])
-    best = _recovery(rows, points, rates)
+    best = _recovery([r for r in rows if r["kind"] == "cascade"], points, rates)
     return {"rows": rows, "figures": [os.path.relpath(fig, args.out)], "recovery": best, "relay_deferral": relay}
 
 

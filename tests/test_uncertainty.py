@@ -387,3 +387,39 @@ def test_train_gatekeeper_micro_batches_give_the_same_weights(monkeypatch):
         weights.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     for w in weights[1:]:
         torch.testing.assert_close(w, weights[0], rtol=1e-5, atol=1e-6)
+
+
+def test_cascade_hook_escalates_or_abstains_below_tau():
+    """The hook re-asks the supervisor for relays below tau; with abstain=True those relays become
+    `none` instead, recorded as abstentions, and no model is called."""
+    import types as _t
+
+    def out(text, lp):
+        return {"text": text, "n_in": 10, "n_out": len(lp), "tokens": list(range(len(lp))), "logprobs": lp,
+                "entropies": [0.1] * len(lp)}
+
+    outs = [out("Ada Lovelace", [-2.0, -3.0]), out("none", [-0.01]), out("Bob", [-0.5])]
+    tau = math.exp(-1.0)                     # mean_logprob confidence: exp(mean log-prob)
+    sup = _t.SimpleNamespace(name="supervisor", cloud=True, tok=_t.SimpleNamespace(chat=lambda m: [1, 2, 3]))
+
+    class Sched:
+        def __init__(self):
+            self.calls = []
+
+        def call(self, key, ep, ids):
+            self.calls.append(len(ids))
+            return [out("none", [-0.1]) for _ in ids]
+
+    prompts = ["p0", "p1", "p2"]
+    traj = _t.SimpleNamespace(calls=[])
+    sched = Sched()
+    got = U.cascade_hook("mean_logprob", tau, sup)(prompts, outs, "k", sched, traj)
+    assert sched.calls == [1] and [o["text"] for o in got] == ["none", "none", "Bob"]
+    assert [c["role"] for c in traj.calls] == ["escalation"] and traj.calls[0]["cloud"]
+    traj = _t.SimpleNamespace(calls=[])
+    sched = Sched()
+    got = U.cascade_hook("mean_logprob", tau, sup, abstain=True)(prompts, outs, "k", sched, traj)
+    assert sched.calls == [] and [o["text"] for o in got] == ["none", "none", "Bob"]
+    assert got[1] is outs[1] and got[2] is outs[2]
+    assert [(c["role"], c["cloud"], c["prompt"], c["n_in"] + c["n_out"]) for c in traj.calls] == \
+        [("abstention", False, "p0", 0)]
