@@ -49,8 +49,8 @@ Not covered:
     fails. Without root the child keeps the parent's uid: NPROC and kill() are not contained
     (it could kill the fork server, which the parent then restarts).
   - Forked children start from the server's memory: the allowed modules' state (random is
-    reseeded, to 0, in each child), nothing of other episodes. String hashing is seeded too
-    (PYTHONHASHSEED=0), so a run's episodes repeat exactly; model code can predict both.
+    reseeded in each child from its context), nothing of other episodes. String hashing is
+    seeded too (PYTHONHASHSEED=0), so a run's episodes repeat exactly; model code can predict both.
   - Accounting is per process (RLIMIT_AS), not cgroups.
   - The parent's callables see child-written prompts (injection; cost up to max_subcalls).
 """
@@ -653,6 +653,10 @@ def _child_main():
     os.close(null)
     rf, wf = open(rfd, "rb"), open(wfd, "wb")
     cfg = _read(rf)
+    # not the server's state (every child would share it): seeded by the context, so episodes over
+    # different contexts draw different numbers and a rerun of the same episode draws the same
+    import random
+    random.seed(str(cfg.get("context", "")))
     modules = {name: ModuleProxy(importlib.import_module(name)) for name in ALLOWED_MODULES}
     for name in ("_strptime", "unicodedata"):  # imported lazily by datetime and re: pre-import
         importlib.import_module(name)             # them, as no file can be opened later
@@ -711,8 +715,6 @@ def _forked_child(cwd, fds):
             os.dup2(fd, i)
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         os.chdir(cwd)
-        import random
-        random.seed(0)  # not the server's state, and the same in every run: episodes are deterministic
         _child_main()
         code = 0
     except BaseException:

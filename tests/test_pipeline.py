@@ -160,3 +160,22 @@ def test_report_lists_stage_times(smoke_run):
     for st, s in secs.items():
         assert f"{st} {s / 60:.1f}" in line
     assert f"total {sum(secs.values()) / 60:.1f}." in line
+
+
+def test_same_seed_same_rows_in_another_process(smoke_run, tmp_path):
+    """Same seed and thread count in a fresh process: the eval stage's rows repeat exactly. (The
+    REPL's random string-hash seed once reordered the sub-calls of roots that iterate a set.)"""
+    import shutil
+    import subprocess
+    import sys
+    import torch
+    again = tmp_path / "again"
+    shutil.copytree(os.path.join(smoke_run, "pretrain"), again / "pretrain")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "train.py", "--preset", "smoke", "--out", str(again), "--stage", "eval", "--quiet",
+                    "--threads", str(torch.get_num_threads())], cwd=root, check=True, timeout=600, capture_output=True)
+
+    def rows(run):
+        return [{k: v for k, v in r.items() if k != "seconds"}
+                for r in json.load(open(os.path.join(run, "eval", "result.json")))["rows"]]
+    assert rows(str(again)) == rows(smoke_run)

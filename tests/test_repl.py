@@ -255,9 +255,16 @@ def test_forked_child_holds_only_its_pipes():
 
 
 def test_forked_children_do_not_share_random_state():
+    """Children are seeded by their context: different episodes draw differently, a rerun of one
+    episode draws the same (runs of one seed repeat)."""
     cell = "import random\nprint(random.random())"
-    with REPL("") as a, REPL("") as b:
+    with REPL("one") as a, REPL("two") as b:
         assert a.run(cell).stdout != b.run(cell).stdout
+        assert a.run(cell).stdout != a.run(cell).stdout        # the stream advances within an episode
+    with REPL("one") as c:
+        first = c.run(cell).stdout
+    with REPL("one") as d:
+        assert d.run(cell).stdout == first
 
 
 def test_fork_server_restarts_after_it_is_killed():
