@@ -99,6 +99,9 @@ def build_parser():
     g.add_argument("--pretrain-examples", type=int, default=None, help="training examples per model")
     g.add_argument("--heldout-relays", type=int, default=None, help="held-out chunks for relay accuracy")
     g.add_argument("--relay-questions", type=int, default=8, help="sub-questions per chunk in a pretraining example")
+    g.add_argument("--relay-none-share", type=float, default=0.4,
+                   help="share of pretraining sub-questions about another chunk (mostly `none`); real "
+                        "sub-calls are ~90%% `none`, and a model that invents names there breaks counting")
     g.add_argument("--min-chunk-lines", type=int, default=4, help="shortest chunk in pretraining (longest: lines per chunk + 2)")
     g.add_argument("--ckpt-every", type=int, default=100)
     g.add_argument("--pretrain-from", default=None, metavar="RUN_DIR",
@@ -236,7 +239,8 @@ def relay_dialogues(n, args, rng, questions):
             chunk = "\n".join(lines[i:i + k])
             msgs = []
             for _ in range(questions):
-                src = lines[i:i + k] if rng.random() < 0.6 else lines   # ~40% about another chunk
+                # about another chunk (usually answered `none`) with probability --relay-none-share
+                src = lines[i:i + k] if rng.random() < 1 - args.relay_none_share else lines
                 subq = subquestion_for_line(rng.choice(src), rng)
                 if subq is None:
                     continue

@@ -63,3 +63,17 @@ def test_false_fact_rate_counts_claims_on_none_chunks_only():
     preds = ["none", "Bob Smith", "", "Bob Smith; Eve", "none"]      # an empty relay claims nothing
     assert train.false_fact_rate(preds, pairs) == 2 / 4
     assert train.false_fact_rate(["x"], [("e", "Ada")]) != train.false_fact_rate(["x"], [("e", "Ada")])  # nan
+
+
+def test_relay_none_share_sets_the_share_of_none_answers():
+    """--relay-none-share draws sub-questions from other chunks: more of them means more `none`
+    answers; the default (0.4) keeps the data the earlier runs were trained on."""
+    def none_share(share):
+        d = train.relay_dialogues(60, _args(relay_none_share=share), random.Random(3), questions=6)
+        answers = [m["content"] for msgs in d for m in msgs if m["role"] == "assistant"]
+        return sum(a == "none" for a in answers) / len(answers)
+    lo, mid, hi = none_share(0.0), none_share(0.4), none_share(0.9)
+    assert lo + 0.1 < mid < hi - 0.1
+    a = train.relay_dialogues(20, _args(), random.Random(4), questions=6)
+    b = train.relay_dialogues(20, _args(relay_none_share=0.4), random.Random(4), questions=6)
+    assert a == b
