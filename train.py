@@ -38,12 +38,12 @@ from util import UserError
 # Presets: everything the tiny default needs that is not a model shape (shapes live in lm.py).
 # A flag left at None takes the preset's value.
 PRESETS = {
-    "smoke": dict(vocab_size=384, bpe_chars=60_000, sup_steps=15, worker_steps=10, batch_size=8,
+    "smoke": dict(vocab_size=384, bpe_chars=60_000, sup_steps=15, sup_tail_steps=2, worker_steps=10, batch_size=8,
                   lr=3e-3, short_chars=1_500, long_chars=6_000, eval_n=2, lines_per_chunk=8,
                   pretrain_examples=200, heldout_relays=24, collect_n=2, curve_n=1, shots=1, root_tokens=64, relay_tokens=16, collect_root="planner",
                   sft_steps=6, sft_batch=8, sft_lr=1e-3, opd_steps=4, opd_batch=4, opd_lr=1e-3, eval_every=2,
                   rl_steps=3, rl_batch=4, rl_lr=1e-3, gk_steps=4, gk_lr=1e-3),
-    "tiny": dict(vocab_size=1024, bpe_chars=400_000, sup_steps=3000, worker_steps=1000, batch_size=16,
+    "tiny": dict(vocab_size=1024, bpe_chars=400_000, sup_steps=3000, sup_tail_steps=500, worker_steps=1000, batch_size=16,
                  lr=3e-3, short_chars=2_000, long_chars=20_000, eval_n=8, lines_per_chunk=8,
                  pretrain_examples=20_000, heldout_relays=200, collect_n=8, curve_n=2, shots=2, collect_root="model", root_tokens=256, relay_tokens=32,
                  sft_steps=120, sft_batch=16, sft_lr=5e-4, opd_steps=40, opd_batch=8, opd_lr=5e-4, eval_every=10,
@@ -102,6 +102,11 @@ def build_parser():
     g.add_argument("--relay-none-share", type=float, default=0.4,
                    help="share of pretraining sub-questions about another chunk (mostly `none`); real "
                         "sub-calls are ~90%% `none`, and a model that invents names there breaks counting")
+    g.add_argument("--sup-tail-steps", type=int, default=None,
+                   help="the supervisor's second phase: a warm restart (fresh warmup + cosine, new data) on a "
+                        "mix with --tail-none-share; 0 = none. It stops the supervisor naming someone in chunks "
+                        "that do not answer, which breaks counting (docs/LOG.md)")
+    g.add_argument("--tail-none-share", type=float, default=0.9, help="--relay-none-share of the supervisor's tail")
     g.add_argument("--min-chunk-lines", type=int, default=4, help="shortest chunk in pretraining (longest: lines per chunk + 2)")
     g.add_argument("--ckpt-every", type=int, default=100)
     g.add_argument("--pretrain-from", default=None, metavar="RUN_DIR",
@@ -342,7 +347,7 @@ def pretrain_data(args, tok, role, seed):
     return data
 
 
-def pretrain_model(args, role, tok, out_dir, steps, seed, heldout, init=None):
+def pretrain_model(args, role, tok, out_dir, steps, seed, heldout, init=None, label=None):
     """Train one tiny model from scratch, or from the checkpoint `init` (resumable), save it, and
     measure held-out relay accuracy."""
     import distill
@@ -366,14 +371,14 @@ def pretrain_model(args, role, tok, out_dir, steps, seed, heldout, init=None):
                     amp=torch.bfloat16 if args.amp == "bfloat16" else None, micro_batch=args.micro_batch or None, prompt_weight=1.0, eval_every=max(1, steps // 4),
                     eval_fn=lambda m: {"relay_acc": relay_accuracy(m, tok, probe, args.relay_tokens)},
                     ckpt_every=args.ckpt_every, metrics=util.Metrics(out_dir.rstrip("/") + "_metrics.jsonl"),
-                    name=f"pretrain {role}", quiet=args.quiet)
+                    name=f"pretrain {label or role}", quiet=args.quiet)
         lm.save_checkpoint(out_dir, model, tok, {"role": role, "steps": steps, "config": dataclasses.asdict(cfg)})
         util.remove(state)
         model, _ = lm.load_model(out_dir)  # plain weights (a sharded model is evaluated unsharded)
     preds = relay_preds(model, tok, heldout, args.relay_tokens)
     correct = [p == a for p, (_, a) in zip(preds, heldout)]
     acc, ffr = sum(correct) / max(1, len(correct)), false_fact_rate(preds, heldout)
-    print(f"[pretrain] {role}: {lm.param_count(model) / 1e6:.2f}M params, held-out relay accuracy {acc:.3f}, "
+    print(f"[pretrain] {label or role}: {lm.param_count(model) / 1e6:.2f}M params, held-out relay accuracy {acc:.3f}, "
           f"false facts on `none` chunks {ffr:.3f}")
     return {"params": lm.param_count(model), "steps": steps, "relay_accuracy": acc, "false_fact_rate": ffr,
             "correct": correct}
@@ -402,10 +407,23 @@ def stage_pretrain(args):
     shift = 100 if src else 0
     for role, steps, seed in (("supervisor", args.sup_steps, args.seed), ("worker", args.worker_steps, args.seed + 1)):
         init = os.path.join(src, role) if src else None
-        result["models"][role] = pretrain_model(args, role, tok, os.path.join(d, role), steps, seed + shift, heldout, init)
+        tail = args.sup_tail_steps if role == "supervisor" else 0
+        main_dir = os.path.join(d, role + ("_main" if tail else ""))
+        result["models"][role] = pretrain_model(args, role, tok, main_dir, steps, seed + shift, heldout, init,
+                                                label=f"{role} (main phase)" if tail else None)
+        if tail:
+            # exactly a warm restart of the main phase (`--pretrain-from`) on a `none`-heavy mix
+            main = result["models"][role]
+            targs = argparse.Namespace(**{**vars(args), "relay_none_share": args.tail_none_share})
+            result["models"][role] = pretrain_model(targs, role, tok, os.path.join(d, role), tail,
+                                                    seed + shift + 100, heldout, init=main_dir, label=f"{role} (tail)")
+            result["models"][role]["steps"] += main["steps"]
+            result["models"][role]["main_phase"] = {k: main[k] for k in ("steps", "relay_accuracy", "false_fact_rate")}
         if src:
-            prev = util.read_json(os.path.join(src, "result.json"))["models"][role]
-            result["models"][role]["steps"] += prev["steps"]
+            prev = util.read_json(os.path.join(src, "result.json"))["models"][role]["steps"]
+            result["models"][role]["steps"] += prev
+            if tail:
+                result["models"][role]["main_phase"]["steps"] += prev
     # how much better the supervisor reads: the gap the teaching stages try to close
     result["gap"] = paired_gap(*(result["models"][r].pop("correct") for r in ("supervisor", "worker")))
     g = result["gap"]

@@ -130,7 +130,7 @@ def test_pretrain_from_continues_the_models_of_another_run(smoke_run, tmp_path):
     from safetensors.torch import load_file
     out = str(tmp_path / "warm")
     assert train.main(["--preset", "smoke", "--out", out, "--quiet", "--threads", "1", "--stage", "pretrain",
-                       "--pretrain-from", smoke_run, "--sup-steps", "2", "--worker-steps", "2"]) == 0
+                       "--pretrain-from", smoke_run, "--sup-steps", "2", "--worker-steps", "2", "--sup-tail-steps", "0"]) == 0
     res = json.load(open(os.path.join(out, "pretrain", "result.json")))
     src = json.load(open(os.path.join(smoke_run, "pretrain", "result.json")))
     for role in ("supervisor", "worker"):
@@ -139,6 +139,30 @@ def test_pretrain_from_continues_the_models_of_another_run(smoke_run, tmp_path):
         assert set(a) == set(b) and any(not torch.equal(a[k], b[k]) for k in a)   # trained on, same shapes
     assert open(os.path.join(out, "pretrain", "tokenizer", "tokenizer_tiktoken.json")).read() == \
         open(os.path.join(smoke_run, "pretrain", "tokenizer", "tokenizer_tiktoken.json")).read()
+
+
+def test_supervisor_tail_is_a_warm_restart_on_the_none_heavy_mix(smoke_run, tmp_path):
+    """The default supervisor = main phase + `--sup-tail-steps` on `--tail-none-share`: the same
+    weights as stopping after the main phase and warm-restarting it (`--pretrain-from`) by hand,
+    which is how the tail was measured (docs/LOG.md)."""
+    from safetensors.torch import load_file
+    res = json.load(open(os.path.join(smoke_run, "pretrain", "result.json")))["models"]["supervisor"]
+    assert res["steps"] == 15 + 2 and res["main_phase"]["steps"] == 15
+    assert 0 <= res["main_phase"]["false_fact_rate"] <= 1
+    tailed, main_only, by_hand = (str(tmp_path / n) for n in ("tailed", "main", "by_hand"))
+    common = ["--preset", "smoke", "--quiet", "--threads", "1", "--stage", "pretrain", "--worker-steps", "0"]
+    assert train.main(common + ["--out", tailed]) == 0
+    assert train.main(common + ["--out", main_only, "--sup-tail-steps", "0"]) == 0
+    assert train.main(common + ["--out", by_hand, "--pretrain-from", main_only, "--sup-steps", "2",
+                                "--relay-none-share", "0.9", "--sup-tail-steps", "0"]) == 0
+    sup = "pretrain/supervisor/model.safetensors"
+    a = load_file(os.path.join(tailed, "pretrain", "supervisor_main", "model.safetensors"))
+    b = load_file(os.path.join(main_only, sup))
+    assert all(torch.equal(a[k], b[k]) for k in a)          # the same main phase
+    a, b = load_file(os.path.join(tailed, sup)), load_file(os.path.join(by_hand, sup))
+    assert all(torch.equal(a[k], b[k]) for k in a)          # and the same tail
+    c = load_file(os.path.join(main_only, sup))
+    assert any(not torch.equal(a[k], c[k]) for k in a)      # which trained
 
 
 def test_coincident_points_share_one_label(tmp_path):
