@@ -30,16 +30,19 @@ def main():
     ap.add_argument("--family", default="count")
     ap.add_argument("--chars", type=int, default=8_000)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="inference weights (bfloat16 uses the bf16 units of a CPU that has them, or a GPU's)")
     a = ap.parse_args()
     torch.manual_seed(0)
     if a.run:
         d = os.path.join(a.run, "pretrain") if os.path.isdir(os.path.join(a.run, "pretrain")) else a.run
-        sup, tok = lm.load_model(os.path.join(d, "supervisor"))
-        wrk, _ = lm.load_model(os.path.join(d, "worker"))
+        sup, tok = lm.load_model(os.path.join(d, "supervisor"), dtype=a.dtype)
+        wrk, _ = lm.load_model(os.path.join(d, "worker"), dtype=a.dtype)
         root = rlm.Endpoint("supervisor", sup, tok, True, 256, window=1024)
     else:
         tok = lm.Tokenizer(enc=lm.train_bpe([t.context for t in tasks.generate_tasks(4, "count", 20_000)], 512))
-        wrk = lm.build_model(dataclasses.replace(lm.MODEL_PRESETS["tiny"]["worker"], vocab_size=tok.vocab_size), seed=0)
+        wrk = lm.build_model(dataclasses.replace(lm.MODEL_PRESETS["tiny"]["worker"], vocab_size=tok.vocab_size),
+                             seed=0).to(getattr(torch, a.dtype))
         root = None
     worker = rlm.Endpoint("worker", wrk, tok, False, 16, window=512)
     group = tasks.generate_tasks(a.episodes, a.family, a.chars, split="eval", seed=1)
@@ -50,11 +53,14 @@ def main():
         trajs = rlm.RLM(root, worker).run_many(group, "rlm-edge", concurrency=conc)
         dt = time.time() - t0
         res[name] = len(trajs) / dt
+        res[name + "_score"] = sum(t.score for t in trajs) / len(trajs)   # same work in both modes?
         subcalls = sum(t.ledger()["subcalls"] for t in trajs)
-        print(f"{name:>10}: {len(trajs)} episodes, {subcalls} sub-calls in {dt:.1f}s = {res[name]:.2f} episodes/s")
+        print(f"{name:>10}: {len(trajs)} episodes, {subcalls} sub-calls in {dt:.1f}s = {res[name]:.2f} episodes/s, "
+              f"mean score {res[name + '_score']:.3f}")
     print(json.dumps({"bench": "rlm", "episodes": a.episodes, "chars": a.chars, "family": a.family,
-                      "root": "model" if a.run else "planner", "batched_eps": round(res["batched"], 3),
-                      "sequential_eps": round(res["sequential"], 3), "ratio": round(res["batched"] / res["sequential"], 2),
+                      "root": "model" if a.run else "planner", "dtype": a.dtype, "batched_eps": round(res["batched"], 3),
+                      "sequential_eps": round(res["sequential"], 3), "batched_score": round(res["batched_score"], 4),
+                      "sequential_score": round(res["sequential_score"], 4), "ratio": round(res["batched"] / res["sequential"], 2),
                       "target_ratio": 5}))
 
 

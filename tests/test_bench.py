@@ -50,3 +50,14 @@ def test_repl_bench_prints_a_json_line_last():
     # the ratio is of the unrounded medians, the printed medians are rounded: equal to ~1%, not exactly
     # (an exact comparison failed one run in six)
     assert last["startup_speedup"] == pytest.approx(last["fresh_interpreter_ms_median"] / last["startup_ms_median"], rel=0.01)
+
+
+def test_rlm_bench_prints_a_json_line_last_in_bfloat16():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "rlm.py"), "--episodes", "3", "--concurrency", "3",
+                        "--chars", "2000", "--dtype", "bfloat16"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    assert last["bench"] == "rlm" and last["dtype"] == "bfloat16" and last["root"] == "planner"
+    assert last["batched_eps"] > 0 and last["sequential_eps"] > 0
+    assert last["ratio"] == pytest.approx(last["batched_eps"] / last["sequential_eps"], rel=0.02)
